@@ -1,0 +1,372 @@
+"""The store: write-once content-addressed blobs plus one manifest per checkpoint, committed last."""
+
+from __future__ import annotations
+
+import builtins
+import fnmatch
+import os
+import threading
+import time as _time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import blake3
+
+from cairn import _codec
+from cairn._info import CheckpointInfo, encode_metrics
+from cairn._manifest import (
+    FORMAT_VERSION,
+    LIMITS,
+    Chunk,
+    Manifest,
+    Shard,
+    TensorEntry,
+    canonical_json,
+    check_name,
+    parse_manifest,
+    strict_json_loads,
+)
+from cairn._read import TensorReader, blob_path
+from cairn._sniff import describe_foreign
+from cairn._tree import decode_tree, encode_tree
+from cairn._verify import VerifyReport, verify_store
+from cairn.backends import Backend, LocalBackend, open_backend
+from cairn.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ManifestError,
+    NotAStoreError,
+    SerializationError,
+    UnsupportedVersionError,
+)
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "Store", "StoreConfig"]
+
+DEFAULT_CHUNK_SIZE = 16 * 2**20
+"""Tensors are cut into chunks of at most this many bytes; each chunk is one blob."""
+
+MARKER = "cairn.json"
+STORE_FORMAT = "cairn.store"
+_WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The store marker ``cairn.json``: format version and the writer settings fixed at creation."""
+
+    version: int = FORMAT_VERSION
+    hash: str = "blake3"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+    def to_bytes(self) -> bytes:
+        """The marker file's bytes."""
+        body = {"format": STORE_FORMAT, "version": self.version, "hash": self.hash}
+        return canonical_json({**body, "chunk_size": self.chunk_size}) + b"\n"
+
+    @classmethod
+    def parse(cls, data: bytes, where: str) -> StoreConfig:
+        """Validate a marker; refuses another format or a newer version."""
+        try:
+            doc = strict_json_loads(data, where, 1 << 16)
+        except ManifestError as e:
+            raise NotAStoreError(f"{e}: the store marker is damaged") from None
+        if doc.get("format") != STORE_FORMAT:
+            raise NotAStoreError(f"{where} is not a cairn store marker")
+        version = doc.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise NotAStoreError(f"{where}: invalid format version {str(version)[:20]!r}")
+        if version > FORMAT_VERSION:
+            raise UnsupportedVersionError(
+                f"{where}: the store has format version {version}, this cairn reads up to {FORMAT_VERSION}; "
+                "upgrade cairn (pip install -U tensorcairn)"
+            )
+        chunk = doc.get("chunk_size")
+        if doc.get("hash") != "blake3" or not isinstance(chunk, int) or not 1 <= chunk <= LIMITS.chunk_bytes:
+            raise NotAStoreError(f"{where}: invalid hash or chunk_size")
+        return cls(version=version, chunk_size=chunk)
+
+
+def _matcher(keys: str | Iterable[str] | None) -> Callable[[str], bool] | None:
+    if keys is None:
+        return None
+    patterns = [keys] if isinstance(keys, str) else list(keys)
+
+    def match(path: str) -> bool:
+        return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+
+    return match
+
+
+class Store:
+    """A cairn checkpoint store at a directory (or any :class:`~cairn.backends.Backend`).
+
+    ``Store(path)`` opens an existing store; ``create=True`` also creates one when ``path`` is a new or
+    empty directory (with ``chunk_size`` fixed from then on). Readers check the format version first.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike[str] | Backend,
+        *,
+        create: bool = False,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        self.backend: Backend = open_backend(target)
+        self._manifests: dict[str, tuple[int, Manifest]] = {}
+        self._lock = threading.Lock()
+        self.config = self._open(create, chunk_size)
+
+    @property
+    def url(self) -> str:
+        """Where the store is."""
+        return self.backend.url
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r})"
+
+    # -- the marker -----------------------------------------------------------------------------------
+
+    def _open(self, create: bool, chunk_size: int) -> StoreConfig:
+        try:
+            return StoreConfig.parse(self.backend.read(MARKER), f"{self.url}/{MARKER}")
+        except FileNotFoundError:
+            pass
+        except NotADirectoryError:
+            raise NotAStoreError(describe_foreign(self.url)) from None
+        local = isinstance(self.backend, LocalBackend)
+        if local and os.path.lexists(self.url) and not os.path.isdir(self.url):
+            raise NotAStoreError(describe_foreign(self.url))
+        if not create:
+            raise NotAStoreError(
+                f"{self.url} is not a cairn store (no {MARKER}); "
+                "check the path, or save a checkpoint there first"
+            )
+        if not 1 <= chunk_size <= LIMITS.chunk_bytes:
+            raise ValueError(f"chunk_size must be between 1 and {LIMITS.chunk_bytes}, not {chunk_size}")
+        if local and os.path.isdir(self.url) and os.listdir(self.url):
+            raise NotAStoreError(
+                f"{self.url} is a non-empty directory but not a cairn store; "
+                "save into a new or empty directory"
+            )
+        config = StoreConfig(chunk_size=chunk_size)
+        self.backend.create(MARKER, config.to_bytes())  # a racing creator may win: read back theirs
+        self.backend.flush()
+        return StoreConfig.parse(self.backend.read(MARKER), f"{self.url}/{MARKER}")
+
+    # -- reading manifests ----------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        """Names of all committed checkpoints (manifests present), unvalidated, sorted."""
+        out = []
+        for path in self.backend.list("checkpoints"):
+            name = path.removeprefix("checkpoints/")
+            if name.endswith(".json") and "/" not in name:
+                out.append(name.removesuffix(".json"))
+        return sorted(out)
+
+    def manifest(self, name: str) -> Manifest:
+        """The validated manifest of checkpoint ``name`` (``"latest"`` allowed)."""
+        if name == "latest":
+            return self.manifest(self._latest_name())
+        check_name(name)
+        path = f"checkpoints/{name}.json"
+        size = self.backend.size(path)
+        if size is None:
+            raise CheckpointNotFoundError(
+                f"no checkpoint {name!r} in {self.url}; `cairn ls {self.url}` lists the checkpoints"
+            )
+        with self._lock:
+            cached = self._manifests.get(name)
+        if cached is not None and cached[0] == size:
+            return cached[1]
+        if size > LIMITS.manifest_bytes:
+            limit = LIMITS.manifest_bytes
+            raise ManifestError(f"{self.url}/{path}: {size} bytes is over the {limit}-byte limit")
+        m = parse_manifest(self.backend.read(path), f"{self.url}/{path}")
+        if m.name != name:
+            raise ManifestError(f"{self.url}/{path}: the manifest says it is {m.name!r}, not {name!r}")
+        with self._lock:
+            self._manifests[name] = (size, m)
+        return m
+
+    def list(
+        self, *, on_damaged: Callable[[str, CorruptCheckpointError], None] | None = None
+    ) -> builtins.list[CheckpointInfo]:
+        """Every committed checkpoint, oldest step first. Damaged manifests are skipped and reported to
+        ``on_damaged`` (by default a warning names them)."""
+        infos = []
+        for name in self.names():
+            try:
+                infos.append(CheckpointInfo.from_manifest(self.manifest(name)))
+            except CorruptCheckpointError as e:
+                if on_damaged is None:
+                    import warnings
+
+                    warnings.warn(f"skipping damaged checkpoint {name!r}: {e}", RuntimeWarning, stacklevel=2)
+                else:
+                    on_damaged(name, e)
+        return sorted(infos, key=lambda i: (i.step, i.time, i.name))
+
+    def latest(self) -> CheckpointInfo | None:
+        """The checkpoint with the highest step (newest time on ties), or None if there is none."""
+        infos = self.list()
+        return infos[-1] if infos else None
+
+    def _latest_name(self) -> str:
+        latest = self.latest()
+        if latest is None:
+            raise CheckpointNotFoundError(f"{self.url} holds no checkpoints yet")
+        return latest.name
+
+    def info(self, name: str = "latest") -> CheckpointInfo:
+        """The :class:`CheckpointInfo` of checkpoint ``name``."""
+        return CheckpointInfo.from_manifest(self.manifest(name))
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        state: Any,
+        *,
+        step: int | None = None,
+        name: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Save ``state`` as a new checkpoint; returns once it is durably committed.
+
+        ``step`` defaults to one past the latest checkpoint's (0 in an empty store); ``name`` defaults to
+        ``step-<step>``. Only chunks the store does not hold yet are written.
+        """
+        started = _time.perf_counter()
+        if step is None:
+            latest = self.latest()
+            step = 0 if latest is None else latest.step + 1
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
+            raise ValueError(f"step must be a non-negative integer, not {step!r}")
+        name = check_name(f"step-{step}" if name is None else name)
+        if self.backend.size(f"checkpoints/{name}.json") is not None:
+            raise CheckpointExistsError(
+                f"checkpoint {name!r} already exists in {self.url}; checkpoints are never overwritten: "
+                "pass another name or step (or delete it first)"
+            )
+        try:
+            stored_metrics = encode_metrics(metrics)
+        except TypeError as e:
+            raise SerializationError(str(e)) from None
+        meta = dict(metadata or {})
+        canonical_json(meta)  # raises SerializationError for non-JSON metadata
+        tree, arrays = encode_tree(state)
+        entries, written, nblobs = self._write_tensors(arrays)
+        self.backend.flush()  # every blob durable before the manifest can name it
+        manifest = Manifest(
+            name=name,
+            step=step,
+            time=datetime.now(UTC).isoformat(timespec="microseconds"),
+            tree=tree,
+            tensors=tuple(entries),
+            metrics=stored_metrics,
+            metadata=meta,
+        )
+        data = manifest.to_bytes()
+        if len(data) > LIMITS.manifest_bytes:
+            raise SerializationError(
+                f"the manifest would be {len(data)} bytes, over the reader limit of {LIMITS.manifest_bytes}: "
+                "keep large values in tensors, not in plain Python values"
+            )
+        if not self.backend.create(f"checkpoints/{name}.json", data):
+            raise CheckpointExistsError(f"checkpoint {name!r} was committed by another writer meanwhile")
+        self.backend.flush()  # the commit is durable
+        return CheckpointInfo.from_manifest(
+            manifest, bytes_written=written, blobs_written=nblobs, seconds=_time.perf_counter() - started
+        )
+
+    def _write_tensors(
+        self, arrays: builtins.list[tuple[str, _codec.EncodedArray]]
+    ) -> tuple[builtins.list[TensorEntry], int, int]:
+        """Write every chunk the store lacks (in parallel); the entries, bytes and blobs written."""
+        size = self.config.chunk_size
+        jobs = [
+            (i, arr.data[pos : pos + size])
+            for i, (_, arr) in enumerate(arrays)
+            for pos in range(0, arr.nbytes, size)
+        ]
+        with ThreadPoolExecutor(_WORKERS, thread_name_prefix="cairn-save") as pool:
+            results = list(pool.map(lambda job: self._put_chunk(job[1]), jobs))
+        chunks: builtins.list[tuple[Chunk, ...]] = [() for _ in arrays]
+        written = nblobs = 0
+        for (i, view), (blob, new) in zip(jobs, results, strict=True):
+            chunks[i] += (Chunk(blob, 0, view.nbytes),)
+            if new:
+                written += view.nbytes
+                nblobs += 1
+        entries = [
+            TensorEntry(
+                path, arr.kind, arr.dtype.name, arr.shape, (Shard((0,) * len(arr.shape), arr.shape, c),)
+            )
+            for (path, arr), c in zip(arrays, chunks, strict=True)
+        ]
+        return entries, written, nblobs
+
+    def _put_chunk(self, data: memoryview) -> tuple[str, bool]:
+        blob = blake3.blake3(data).hexdigest()
+        path = blob_path(blob)
+        size = self.backend.size(path)
+        if size == data.nbytes:
+            return blob, False
+        if size is not None:  # a damaged copy under this name: replace it with the true bytes
+            self.backend.delete(path)
+        return blob, self.backend.create(path, data)
+
+    # -- loading --------------------------------------------------------------------------------------
+
+    def load(
+        self,
+        name: str = "latest",
+        *,
+        keys: str | Iterable[str] | None = None,
+        map_location: Any = None,
+        verify: bool = True,
+        mmap: bool = True,
+    ) -> Any:
+        """The state tree of checkpoint ``name``; with ``keys`` (glob patterns over dotted key paths,
+        a pattern also selects everything below it) only the matching leaves are read."""
+        m = self.manifest(name)
+        select = _matcher(keys)
+        wanted: list[int] = []
+        decode_tree(m.tree, lambda i: wanted.append(i), select)
+        reader = TensorReader(self.backend, m.name, verify=verify, mmap=mmap)
+        if len(wanted) > 1:
+            with ThreadPoolExecutor(_WORKERS, thread_name_prefix="cairn-load") as pool:
+                values = list(pool.map(lambda i: reader.read(m.tensors[i]), wanted))
+        else:
+            values = [reader.read(m.tensors[i]) for i in wanted]
+        loaded = dict(zip(wanted, values, strict=True))
+        return decode_tree(
+            m.tree, lambda i: _codec.finish(m.tensors[i].kind, loaded[i], map_location), select
+        )
+
+    def delete(self, name: str) -> None:
+        """Delete checkpoint ``name`` (its manifest; blobs stay until garbage collection)."""
+        check_name(name)
+        path = f"checkpoints/{name}.json"
+        if self.backend.size(path) is None:
+            raise CheckpointNotFoundError(f"no checkpoint {name!r} in {self.url}")
+        self.backend.delete(path)
+        self.backend.flush()
+        with self._lock:
+            self._manifests.pop(name, None)
+
+    def verify(
+        self, name: str | None = None, *, progress: Callable[[int, int], None] | None = None
+    ) -> VerifyReport:
+        """Check every byte of checkpoint ``name`` (default: all): manifests parsed, blobs sized and hashed.
+
+        Returns a :class:`VerifyReport`; it raises only for a store that cannot be read at all.
+        """
+        names = None if name is None else [self.manifest(name).name if name == "latest" else check_name(name)]
+        return verify_store(self, names, progress)

@@ -1,0 +1,95 @@
+"""The backend protocol: the few operations the store needs from wherever the bytes live.
+
+Call order of a save, which every backend must make safe::
+
+    create(blob) ... create(blob)   # write-once files; durable content before the name appears
+    flush()                         # every name created so far is durable
+    create(manifest)                # the commit: atomic, refuses to replace
+    flush()                         # the commit is durable
+
+Paths are relative POSIX paths built by the store (``blobs/ab/ab12...``, ``checkpoints/step-3.json``);
+:func:`check_path` is the gate every backend applies before touching anything.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from cairn.errors import BackendError
+
+__all__ = ["Backend", "BackendProperties", "Buffer", "check_path"]
+
+Buffer = bytes | bytearray | memoryview
+"""What a backend accepts to write."""
+
+_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackendProperties:
+    """What a backend can do; the store picks its strategies from these."""
+
+    atomic_create: bool
+    """``create`` is atomic and never replaces an existing file (the commit relies on it)."""
+    durable: bool
+    """Data survives the process (False for the in-memory backend)."""
+    mmap: bool
+    """``map`` can memory-map files for zero-copy reads."""
+
+
+def check_path(path: str) -> str:
+    """Accept only store-built relative paths: ``a/b/c`` of safe names, no ``..``, no absolute paths."""
+    parts = path.split("/")
+    if not path or len(parts) > 8 or not all(_PART_RE.fullmatch(p) for p in parts):
+        raise BackendError(f"refusing unsafe store path {path[:200]!r}")
+    return path
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Where a store's files live. See the module docstring for the call order a save follows."""
+
+    @property
+    def url(self) -> str:
+        """Where this backend points, for messages (a directory, ``memory://name``...)."""
+        ...
+
+    @property
+    def properties(self) -> BackendProperties:
+        """What this backend can do."""
+        ...
+
+    def create(self, path: str, data: Buffer) -> bool:
+        """Atomically create ``path`` holding ``data``; False (and nothing written) if it already exists."""
+        ...
+
+    def flush(self) -> None:
+        """Make every ``create`` so far durable (names included). Errors here are final, never retried."""
+        ...
+
+    def size(self, path: str) -> int | None:
+        """Size of the file at ``path`` in bytes, or None if there is none."""
+        ...
+
+    def read(self, path: str) -> bytes:
+        """The whole file (raises ``FileNotFoundError`` if missing)."""
+        ...
+
+    def readinto(self, path: str, buffer: memoryview) -> int:
+        """Read the start of the file into ``buffer``; returns the number of bytes read."""
+        ...
+
+    def map(self, path: str) -> memoryview | None:
+        """A private, writable (copy-on-write) memory map of the file, or None where unsupported."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[str]:
+        """Paths of all files below the directory ``prefix`` (recursively), in no particular order."""
+        ...
+
+    def delete(self, path: str) -> None:
+        """Remove a file; a missing file is not an error."""
+        ...

@@ -1,0 +1,229 @@
+"""The local-disk backend: POSIX files with the durable write-once protocol of ``docs/format.md``.
+
+``create``: write a temp file in ``<root>/tmp`` (``O_EXCL``, read-only mode), fsync it, ``link`` it to its
+final name (atomic, never replaces), unlink the temp file, and remember the directory; ``flush`` fsyncs
+every directory touched since the last flush. An fsync error is final: the data may be gone, so it is
+raised, never retried. No path leaves the root: names are checked, the final component is opened with
+``O_NOFOLLOW`` and every directory on the way is checked not to be a symlink.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import mmap
+import os
+import stat
+import threading
+import uuid
+from collections.abc import Iterator
+
+from cairn.backends.base import BackendProperties, Buffer, check_path
+from cairn.errors import BackendError
+
+__all__ = ["LocalBackend"]
+
+_O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+_O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+_MAX_WRITE = 1 << 30
+
+
+def _error(op: str, path: str, e: OSError) -> BackendError:
+    hint = " (the disk is full: free space and save again)" if e.errno == errno.ENOSPC else ""
+    err = BackendError(e.errno, f"{op} {path}: {e.strerror or e}{hint}")
+    err.filename = path
+    return err
+
+
+class LocalBackend:
+    """Files under a local directory ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self._dirty: set[str] = set()
+        self._safe_dirs: set[str] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return self.root
+
+    @property
+    def properties(self) -> BackendProperties:
+        return BackendProperties(atomic_create=True, durable=True, mmap=True)
+
+    # -- paths ----------------------------------------------------------------------------------------
+
+    def _dir(self, rel: str, create: bool) -> str:
+        """The absolute path of directory ``rel`` (may be ""), checked to be a real directory in the root."""
+        full = os.path.join(self.root, rel) if rel else self.root
+        if full in self._safe_dirs:
+            return full
+        if rel:
+            parent_rel = rel.rpartition("/")[0]
+            parent = self._dir(parent_rel, create)
+            if create:
+                try:
+                    os.mkdir(full, 0o755)
+                    with self._lock:
+                        self._dirty.add(parent)
+                except FileExistsError:
+                    pass
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            if create and not rel:
+                os.makedirs(full, exist_ok=True)
+                st = os.lstat(full)
+            else:
+                raise
+        if not stat.S_ISDIR(st.st_mode):
+            raise BackendError(f"{full} is not a directory (symlinks are not followed inside a store)")
+        with self._lock:
+            self._safe_dirs.add(full)
+        return full
+
+    def _file(self, path: str, create_parent: bool = False) -> str:
+        check_path(path)
+        parent_rel, _, name = path.rpartition("/")
+        return os.path.join(self._dir(parent_rel, create_parent), name)
+
+    # -- writing --------------------------------------------------------------------------------------
+
+    def create(self, path: str, data: Buffer) -> bool:
+        try:
+            final = self._file(path, create_parent=True)
+        except OSError as e:
+            raise _error("create directory for", path, e) from None
+        if os.path.lexists(final):
+            return False
+        try:
+            tmp_dir = self._dir("tmp", create=True)
+        except OSError as e:
+            raise _error("create", "tmp", e) from None
+        tmp = os.path.join(tmp_dir, f"{uuid.uuid4().hex}.tmp")
+        try:
+            fd = os.open(tmp, _O_CREATE, 0o444)
+        except OSError as e:
+            raise _error("create", tmp, e) from None
+        try:
+            try:
+                view = memoryview(data).cast("B")
+                while view.nbytes:
+                    n = os.write(fd, view[:_MAX_WRITE])
+                    view = view[n:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, final)
+                created = True
+            except FileExistsError:
+                created = False
+        except OSError as e:
+            raise _error("write", path, e) from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if created:
+            with self._lock:
+                self._dirty.add(os.path.dirname(final))
+        return created
+
+    def flush(self) -> None:
+        with self._lock:
+            dirs, self._dirty = sorted(self._dirty, key=len, reverse=True), set()
+        for d in dirs:  # deepest first, so a new directory's entry is synced after its contents
+            try:
+                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError as e:
+                raise _error("fsync directory", d, e) from None
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def _open(self, path: str) -> int:
+        try:
+            return os.open(self._file(path), _O_READ)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, "no such file", os.path.join(self.root, path)) from None
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise BackendError(errno.ELOOP, f"{path} is a symlink; a store never follows links") from None
+            raise _error("open", path, e) from None
+
+    def size(self, path: str) -> int | None:
+        try:
+            st = os.lstat(self._file(path))
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise _error("stat", path, e) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise BackendError(f"{path} is not a regular file (symlinks are not followed inside a store)")
+        return st.st_size
+
+    def read(self, path: str) -> bytes:
+        fd = self._open(path)
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read()
+        except OSError as e:
+            raise _error("read", path, e) from None
+        finally:
+            os.close(fd)
+
+    def readinto(self, path: str, buffer: memoryview) -> int:
+        fd = self._open(path)
+        try:
+            view, total = buffer.cast("B"), 0
+            while total < view.nbytes:
+                n = os.readv(fd, [view[total : total + _MAX_WRITE]])
+                if n == 0:
+                    break
+                total += n
+            return total
+        except OSError as e:
+            raise _error("read", path, e) from None
+        finally:
+            os.close(fd)
+
+    def map(self, path: str) -> memoryview | None:
+        fd = self._open(path)
+        try:
+            if os.fstat(fd).st_size == 0:
+                return None
+            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))
+        except OSError as e:
+            raise _error("map", path, e) from None
+        finally:
+            os.close(fd)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        check_path(prefix)
+        top = os.path.join(self.root, prefix)
+        try:
+            if not stat.S_ISDIR(os.lstat(top).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise _error("list", prefix, e) from None
+        for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            dirnames.sort()
+            for name in sorted(filenames):
+                yield f"{rel}/{name}"
+
+    def delete(self, path: str) -> None:
+        try:
+            os.unlink(self._file(path))
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise _error("delete", path, e) from None
+        with self._lock:
+            self._dirty.add(os.path.dirname(os.path.join(self.root, path)))

@@ -1,0 +1,92 @@
+"""The errors cairn raises: one tree, rooted at :class:`CairnError`.
+
+Every error carries a message that names what is wrong (the store, the checkpoint, the key, the blob)
+and, where there is one, the fix. Nothing cairn raises for bad input is a bare ``KeyError`` or
+``struct.error`` from deep inside.
+
+::
+
+    CairnError
+    ├── StoreError                      a problem with the store as a whole
+    │   ├── NotAStoreError              the path is not a cairn store (or holds another format)
+    │   └── UnsupportedVersionError     the store or checkpoint was written by a newer cairn
+    ├── CheckpointNotFoundError         no checkpoint of that name (also a FileNotFoundError)
+    ├── CheckpointExistsError           that name is already committed (also a FileExistsError)
+    ├── CorruptCheckpointError          stored data fails a check; nothing from it is returned
+    │   ├── ManifestError               the manifest is damaged, hostile or breaks a reader limit
+    │   ├── BlobMissingError            a blob the manifest references is absent
+    │   └── BlobCorruptError            a blob has the wrong size or the wrong hash
+    ├── SerializationError              a value in the state cannot be saved without pickle (also a TypeError)
+    ├── RestoreError                    a checkpoint does not fit the live objects (strict restore)
+    └── BackendError                    the storage backend failed (I/O error, disk full, bad path)
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "BlobCorruptError",
+    "BlobMissingError",
+    "CairnError",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "ManifestError",
+    "NotAStoreError",
+    "RestoreError",
+    "SerializationError",
+    "StoreError",
+    "UnsupportedVersionError",
+]
+
+
+class CairnError(Exception):
+    """The root of every error cairn raises on purpose."""
+
+
+class StoreError(CairnError):
+    """A problem with the store as a whole rather than with one checkpoint."""
+
+
+class NotAStoreError(StoreError):
+    """The path is not a cairn store: missing, a plain file, another format, or a damaged marker."""
+
+
+class UnsupportedVersionError(StoreError):
+    """The store or a checkpoint was written by a newer format version than this cairn reads."""
+
+
+class CheckpointNotFoundError(CairnError, FileNotFoundError):
+    """No committed checkpoint has the requested name (or the store holds none)."""
+
+
+class CheckpointExistsError(CairnError, FileExistsError):
+    """A checkpoint with this name is already committed; checkpoints are never overwritten."""
+
+
+class CorruptCheckpointError(CairnError):
+    """Stored data failed a check. Nothing from the damaged part is ever returned."""
+
+
+class ManifestError(CorruptCheckpointError):
+    """A manifest is damaged, hostile, or breaks one of the reader's limits."""
+
+
+class BlobMissingError(CorruptCheckpointError):
+    """A blob that a manifest references is not in the store."""
+
+
+class BlobCorruptError(CorruptCheckpointError):
+    """A blob has the wrong size or its bytes do not match their hash."""
+
+
+class SerializationError(CairnError, TypeError):
+    """A value in the state cannot be stored without pickle; the message names its key path and type."""
+
+
+class RestoreError(CairnError):
+    """A checkpoint does not fit the objects it is restored into (missing, unexpected or mismatched keys)."""
+
+
+class BackendError(CairnError, OSError):
+    """The storage backend failed: an I/O error, a full disk, a refused or unsafe path."""
