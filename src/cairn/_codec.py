@@ -6,6 +6,7 @@ never pay for it: an object can only be a torch tensor if torch is already impor
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -131,9 +132,8 @@ def allocate(kind: str, dtype_name: str, shape: tuple[int, ...]) -> Allocated:
     if kind == "torch":
         import torch
 
-        t = torch.empty(shape, dtype=getattr(torch, str(dt.torch_name)))
-        flat = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, np.uint8)
-        return Allocated(t, flat.data)
+        raw = torch.empty(math.prod(shape) * dt.itemsize, dtype=torch.uint8)
+        return Allocated(raw.view(getattr(torch, str(dt.torch_name))).reshape(shape), raw.numpy().data)
     arr = np.empty(shape, dtype=np.dtype(str(dt.numpy_name)))
     return Allocated(arr, arr.reshape(-1).view(np.uint8).data)
 

@@ -114,7 +114,7 @@ def _targets(value: Any, path: tuple[Any, ...], owner: Any, key: Any, out: list[
             out.append(_Target(prefix + k, "module", value, k, v, name))
     elif is_stateful(value):
         out.append(_Target(name, "object", value, None, value))
-    elif isinstance(value, Mapping | list | tuple) and _has_state(value):
+    elif isinstance(value, Mapping | list | tuple) and (not path or _has_state(value)):
         items = value.items() if isinstance(value, Mapping) else enumerate(value)
         for k, v in items:
             _targets(v, (*path, k), value, k, out)

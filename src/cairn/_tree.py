@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from cairn._codec import EncodedArray, encode_array, is_array
 from cairn.errors import SerializationError
 
@@ -77,6 +79,8 @@ class _Encoder:
             )
         if value is None or isinstance(value, bool):
             return value
+        if isinstance(value, np.generic) and not isinstance(value, str | bytes):
+            return self._array(value, path)  # before float: numpy's float64 is a float subclass
         if isinstance(value, int):
             if _INT64_MIN <= value <= _UINT64_MAX:
                 return int(value)
@@ -97,9 +101,7 @@ class _Encoder:
         if isinstance(value, bytes | bytearray | memoryview):
             return {"bytes": base64.b64encode(bytes(value)).decode("ascii")}
         if is_array(value):
-            where = self._where(path)
-            self.arrays.append((where, encode_array(value, where)))
-            return {"tensor": len(self.arrays) - 1}
+            return self._array(value, path)
         if isinstance(value, Mapping):
             return {"dict": self._encode_items(value, path)}
         if isinstance(value, list):
@@ -133,6 +135,10 @@ class _Encoder:
                 self.encode(k, (*path, "<key>"))  # checks it is valid Unicode
             items.append([k if isinstance(k, str) else int(k), self.encode(v, (*path, k))])
         return items
+
+    def _array(self, value: Any, path: Path) -> dict[str, int]:
+        self.arrays.append((format_path(path), encode_array(value, self._where(path))))
+        return {"tensor": len(self.arrays) - 1}
 
     @staticmethod
     def _where(path: Path) -> str:

@@ -1,0 +1,182 @@
+"""One conformance suite that every backend passes, plus the local backend's own safety rules."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cairn.backends import Backend, LocalBackend, MemoryBackend, check_path, open_backend
+from cairn.errors import BackendError
+
+
+@pytest.fixture(params=["memory", "local"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "memory":
+        yield MemoryBackend()
+    else:
+        yield LocalBackend(tmp_path / "root")
+
+
+def test_is_a_backend(backend: Backend) -> None:
+    assert isinstance(backend, Backend)
+    assert backend.properties.atomic_create
+
+
+def test_create_is_write_once(backend: Backend) -> None:
+    assert backend.create("checkpoints/a.json", b"first")
+    assert not backend.create("checkpoints/a.json", b"second")
+    backend.flush()
+    assert backend.read("checkpoints/a.json") == b"first"
+    assert backend.size("checkpoints/a.json") == 5
+
+
+def test_create_accepts_any_buffer(backend: Backend) -> None:
+    backend.create("blobs/aa/x", memoryview(bytearray(b"abcdef"))[2:])
+    backend.create("blobs/aa/empty", b"")
+    assert backend.read("blobs/aa/x") == b"cdef"
+    assert backend.read("blobs/aa/empty") == b""
+
+
+def test_missing_files(backend: Backend) -> None:
+    assert backend.size("blobs/00/nothing") is None
+    with pytest.raises(FileNotFoundError):
+        backend.read("blobs/00/nothing")
+    with pytest.raises(FileNotFoundError):
+        backend.readinto("blobs/00/nothing", memoryview(bytearray(4)))
+    backend.delete("blobs/00/nothing")  # deleting what is not there is fine
+    assert list(backend.list("checkpoints")) == []
+
+
+def test_readinto_reads_a_prefix(backend: Backend) -> None:
+    backend.create("blobs/ab/f", b"0123456789")
+    buf = bytearray(4)
+    assert backend.readinto("blobs/ab/f", memoryview(buf)) == 4
+    assert buf == b"0123"
+    big = bytearray(20)
+    assert backend.readinto("blobs/ab/f", memoryview(big)) == 10
+
+
+def test_list_is_recursive_and_relative(backend: Backend) -> None:
+    for p in ["blobs/aa/1", "blobs/bb/2", "checkpoints/c.json", "cairn.json"]:
+        backend.create(p, b"x")
+    assert sorted(backend.list("blobs")) == ["blobs/aa/1", "blobs/bb/2"]
+    assert list(backend.list("checkpoints")) == ["checkpoints/c.json"]
+
+
+def test_delete(backend: Backend) -> None:
+    backend.create("checkpoints/a.json", b"x")
+    backend.delete("checkpoints/a.json")
+    backend.flush()
+    assert backend.size("checkpoints/a.json") is None
+    assert backend.create("checkpoints/a.json", b"again")
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "/etc/passwd", "../x", "blobs/../../x", "a//b", "a/./b", "a\\b", "a/b/", ".hidden", "a/\x00"]
+)
+def test_unsafe_paths_are_refused(backend: Backend, bad: str) -> None:
+    with pytest.raises(BackendError):
+        backend.create(bad, b"x")
+    with pytest.raises(BackendError):
+        backend.size(bad)
+
+
+def test_concurrent_creates_have_one_winner(backend: Backend) -> None:
+    results: list[bool] = []
+    barrier = threading.Barrier(8)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        results.append(backend.create("checkpoints/race.json", f"writer {i}".encode()))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 7 + [True]
+    assert backend.read("checkpoints/race.json").startswith(b"writer ")
+
+
+def test_check_path_accepts_store_paths() -> None:
+    assert check_path("blobs/ab/" + "ab" * 32) == "blobs/ab/" + "ab" * 32
+    assert check_path("checkpoints/step-10.json")
+
+
+def test_open_backend() -> None:
+    assert isinstance(open_backend("memory://x"), MemoryBackend)
+    assert isinstance(open_backend("some/dir"), LocalBackend)
+    with pytest.raises(ValueError, match="URL scheme"):
+        open_backend("s3://bucket/prefix")
+
+
+# -- the local backend's own rules --------------------------------------------------------------------
+
+
+def test_local_files_are_read_only_and_leave_no_temp_files(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path)
+    b.create("blobs/ab/f", b"data")
+    b.flush()
+    mode = os.stat(tmp_path / "blobs/ab/f").st_mode
+    assert not mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def test_local_refuses_symlinks(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"secret")
+    root = tmp_path / "root"
+    b = LocalBackend(root)
+    b.create("cairn.json", b"{}")
+    os.symlink(outside / "secret", root / "link")
+    with pytest.raises(BackendError, match="symlink"):
+        b.read("link")
+    with pytest.raises(BackendError):
+        b.size("link")
+    os.symlink(outside, root / "blobs")  # a linked directory is refused too
+    with pytest.raises(BackendError, match="not a directory"):
+        b.read("blobs/secret")
+    with pytest.raises(BackendError):
+        b.create("blobs/new", b"x")
+    assert sorted(os.listdir(outside)) == ["secret"]
+
+
+def test_local_map_is_private(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path)
+    b.create("blobs/ab/f", b"abcd")
+    view = b.map("blobs/ab/f")
+    assert view is not None and bytes(view) == b"abcd"
+    view[0] = ord("z")  # copy-on-write: the file is untouched
+    assert b.read("blobs/ab/f") == b"abcd"
+    b.create("blobs/ab/empty", b"")
+    assert b.map("blobs/ab/empty") is None
+
+
+@pytest.mark.parametrize("failing", ["write", "fsync"])
+def test_local_write_errors_are_final_and_leave_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    b = LocalBackend(tmp_path)
+    b.create("checkpoints/old.json", b"kept")
+    err = errno.ENOSPC if failing == "write" else errno.EIO
+
+    def fail(*args: object) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, failing, fail)
+    with pytest.raises(BackendError) as info:
+        b.create("blobs/ab/x", b"data")
+    monkeypatch.undo()
+    assert info.value.errno == err
+    if failing == "write":
+        assert "disk is full" in str(info.value)
+    assert b.size("blobs/ab/x") is None  # the name never appears for data that is not durable
+    assert os.listdir(tmp_path / "tmp") == []
+    assert b.read("checkpoints/old.json") == b"kept"

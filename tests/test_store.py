@@ -1,0 +1,179 @@
+"""The store as a user sees it: incremental saves, discovery, names, errors that say what to do."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cairn
+from cairn.backends import MemoryBackend
+
+
+def _state(seed: int = 0) -> dict[str, object]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "frozen": torch.randn(256, 64, generator=g),
+        "head": torch.randn(64, 10, generator=g),
+        "step": 3,
+    }
+
+
+def test_saving_the_same_state_twice_writes_no_tensor_bytes(tmp_path: Path) -> None:
+    state = _state()
+    first = cairn.save(tmp_path / "s", state, step=1)
+    assert first.bytes_written == first.nbytes == (256 * 64 + 64 * 10) * 4
+    second = cairn.save(tmp_path / "s", state, step=2)
+    assert second.bytes_written == 0 and second.blobs_written == 0
+    assert second.bytes_reused == second.nbytes
+
+
+def test_changing_one_tensor_writes_only_its_chunks(tmp_path: Path) -> None:
+    state = _state()
+    cairn.save(tmp_path / "s", state, step=1, chunk_size=4096)
+    state["frozen"][0, 0] += 1  # one element: one 4 KiB chunk of this tensor changes
+    info = cairn.save(tmp_path / "s", state, step=2)
+    assert info.bytes_written == 4096 and info.blobs_written == 1
+    assert torch.equal(cairn.load(tmp_path / "s", "step-2")["frozen"], state["frozen"])
+    assert not torch.equal(cairn.load(tmp_path / "s", "step-1")["frozen"], state["frozen"])
+
+
+def test_info_list_latest(tmp_path: Path) -> None:
+    store = cairn.Store(tmp_path / "s", create=True)
+    assert store.list() == [] and store.latest() is None
+    for step in (5, 1, 3):
+        store.save({"x": torch.ones(2) * step}, step=step, metrics={"loss": 1.0 / step}, metadata={"s": step})
+    infos = store.list()
+    assert [i.step for i in infos] == [1, 3, 5]
+    assert [i.name for i in infos] == ["step-1", "step-3", "step-5"]
+    latest = store.latest()
+    assert latest is not None and latest.name == "step-5" and latest.metrics == {"loss": 0.2}
+    assert store.info("step-3").metadata == {"s": 3}
+    assert store.info().name == "step-5"
+    assert torch.equal(store.load()["x"], torch.ones(2) * 5)
+    assert latest.time.tzinfo is not None
+    assert (latest.num_tensors, latest.num_blobs, latest.nbytes) == (1, 1, 8)
+
+
+def test_default_step_and_name(tmp_path: Path) -> None:
+    assert cairn.save(tmp_path / "s", {"a": 1}).name == "step-0"
+    assert cairn.save(tmp_path / "s", {"a": 2}).name == "step-1"
+    info = cairn.save(tmp_path / "s", {"a": 3}, step=10, name="warmup-done")
+    assert (info.name, info.step) == ("warmup-done", 10)
+    assert cairn.load(tmp_path / "s") == {"a": 3}
+    assert cairn.load(tmp_path / "s", "step-0") == {"a": 1}
+
+
+def test_checkpoints_are_never_overwritten(tmp_path: Path) -> None:
+    cairn.save(tmp_path / "s", {"a": 1}, step=1)
+    with pytest.raises(cairn.CheckpointExistsError, match="never overwritten"):
+        cairn.save(tmp_path / "s", {"a": 2}, step=1)
+    assert cairn.load(tmp_path / "s") == {"a": 1}
+
+
+@pytest.mark.parametrize("name", ["", "latest", "best", "a/b", "../x", ".hidden", "x" * 129, "sp ace"])
+def test_bad_names_are_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match="invalid checkpoint name"):
+        cairn.save(tmp_path / "s", {"a": 1}, name=name)
+
+
+@pytest.mark.parametrize("step", [-1, 1.5, True, "3", 2**63])
+def test_bad_steps_are_refused(tmp_path: Path, step: object) -> None:
+    with pytest.raises(ValueError, match="step"):
+        cairn.save(tmp_path / "s", {"a": 1}, step=step)  # type: ignore[arg-type]
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_unsupported_values_name_the_key_and_type(tmp_path: Path) -> None:
+    class Opaque:
+        pass
+
+    with pytest.raises(cairn.SerializationError, match=r"model\.layers\.1\.cfg.*Opaque.*without pickle"):
+        cairn.save(tmp_path / "s", {"model": {"layers": [0, {"cfg": Opaque()}]}})
+    with pytest.raises(cairn.SerializationError, match="key"):
+        cairn.save(tmp_path / "s", {(1, 2): "tuple keys"})
+    with pytest.raises(cairn.SerializationError, match="sparse"):
+        cairn.save(tmp_path / "s", {"sp": torch.eye(3).to_sparse()})
+    with pytest.raises(cairn.SerializationError, match="numpy dtype"):
+        cairn.save(tmp_path / "s", {"strings": np.array(["a", "b"])})
+    with pytest.raises(cairn.SerializationError, match="quantized"):
+        cairn.save(tmp_path / "s", {"q": torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.qint8)})
+    with pytest.raises(cairn.SerializationError, match="not plain JSON"):
+        cairn.save(tmp_path / "s", {"a": 1}, metadata={"when": object()})
+    with pytest.raises(cairn.SerializationError, match="metric"):
+        cairn.save(tmp_path / "s", {"a": 1}, metrics={"loss": "low"})
+    with pytest.raises(cairn.SerializationError, match="deeper"):
+        deep: list[object] = []
+        deep.append(deep)
+        cairn.save(tmp_path / "s", {"loop": deep})
+    assert cairn.Store(tmp_path / "s").list() == []  # nothing was committed by the failed saves
+
+
+def test_metrics_accept_numbers_of_any_kind(tmp_path: Path) -> None:
+    metrics = {"loss": torch.tensor(0.5), "acc": np.float32(0.25), "n": 7, "bad": float("nan")}
+    info = cairn.save(tmp_path / "s", {}, metrics=metrics)
+    got = cairn.Store(tmp_path / "s").info(info.name).metrics
+    assert got["loss"] == 0.5 and got["acc"] == 0.25 and got["n"] == 7 and got["bad"] != got["bad"]
+
+
+def test_delete_removes_only_the_manifest(tmp_path: Path) -> None:
+    store = cairn.Store(tmp_path / "s", create=True)
+    store.save(_state(), step=1)
+    store.save(_state(), step=2)
+    store.delete("step-2")
+    assert [i.name for i in store.list()] == ["step-1"]
+    assert store.verify().ok
+    with pytest.raises(cairn.CheckpointNotFoundError):
+        store.delete("step-2")
+    with pytest.raises(cairn.CheckpointNotFoundError, match="cairn ls"):
+        store.load("step-2")
+
+
+def test_not_found_errors(tmp_path: Path) -> None:
+    with pytest.raises(cairn.NotAStoreError, match="not a cairn store"):
+        cairn.load(tmp_path / "missing")
+    cairn.Store(tmp_path / "empty", create=True)
+    with pytest.raises(cairn.CheckpointNotFoundError, match="no checkpoints"):
+        cairn.load(tmp_path / "empty")
+    assert isinstance(cairn.CheckpointNotFoundError("x"), FileNotFoundError)
+
+
+def test_concurrent_saves_from_threads(tmp_path: Path) -> None:
+    store = cairn.Store(tmp_path / "s", create=True)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            store.save({"shared": torch.ones(1000), "own": torch.full((100,), float(i))}, step=i)
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [i.step for i in store.list()] == list(range(6))
+    assert store.verify().ok
+    assert torch.equal(store.load("step-4")["own"], torch.full((100,), 4.0))
+
+
+def test_verify_reports_sizes(tmp_path: Path) -> None:
+    store = cairn.Store(tmp_path / "s", create=True)
+    store.save(_state(), step=1)
+    progress: list[tuple[int, int]] = []
+    report = store.verify(progress=lambda done, total: progress.append((done, total)))
+    assert report.ok and report.checkpoints == ["step-1"] and report.blobs_checked == 2
+    assert progress[-1][0] == progress[-1][1] == report.bytes_checked
+    assert store.verify("latest").checkpoints == ["step-1"]
+
+
+def test_a_store_can_live_in_memory() -> None:
+    backend = MemoryBackend()
+    info = cairn.save(backend, _state(), step=1)
+    assert cairn.Store(backend).info().name == info.name
+    assert cairn.Store(backend).verify().ok
