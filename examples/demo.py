@@ -123,7 +123,8 @@ def main(out: Path) -> None:
     console.print(f"verify: ok={report.ok}; damaged checkpoints: {', '.join(report.damaged)}")
     n = len(cairn.load(store_dir, "step-1")["model"])
     console.print(f"the others still load: step-1 has {n} tensors")
-    console.print(f"\n[green]done[/green] in {time.perf_counter() - START:.1f} s; the store is in {store_dir}")
+    elapsed = time.perf_counter() - START
+    console.print(f"\n[green]done[/green] in {elapsed:.1f} s; the store is in {store_dir}")
 
 
 START = time.perf_counter()
