@@ -177,3 +177,41 @@ def test_a_store_can_live_in_memory() -> None:
     info = cairn.save(backend, _state(), step=1)
     assert cairn.Store(backend).info().name == info.name
     assert cairn.Store(backend).verify().ok
+
+
+def test_stray_files_in_checkpoints_are_not_checkpoints(tmp_path: Path) -> None:
+    cairn.save(tmp_path / "s", {"a": 1}, step=1)
+    (tmp_path / "s" / "checkpoints" / "bad name.json").write_text("{}")
+    (tmp_path / "s" / "checkpoints" / "notes.txt").write_text("hi")
+    store = cairn.Store(tmp_path / "s")
+    assert store.names() == ["step-1"]
+    assert [i.name for i in store.list()] == ["step-1"] and store.verify().ok
+    assert cairn.save(tmp_path / "s", {"a": 2}).name == "step-2"
+
+
+def test_a_newer_checkpoint_does_not_hide_the_others(tmp_path: Path) -> None:
+    import json
+
+    import blake3
+
+    from cairn._manifest import canonical_json
+
+    cairn.save(tmp_path / "s", {"a": 1}, step=1)
+    cairn.save(tmp_path / "s", {"a": 2}, step=2)
+    path = tmp_path / "s" / "checkpoints" / "step-2.json"
+    body = json.loads(path.read_bytes())
+    del body["digest"]
+    body["version"] = 99
+    body["digest"] = blake3.blake3(canonical_json(body)).hexdigest()
+    path.chmod(0o644)
+    path.write_bytes(canonical_json(body))
+    store = cairn.Store(tmp_path / "s")
+    seen: list[tuple[str, cairn.CairnError]] = []
+    assert [i.name for i in store.list(on_damaged=lambda n, e: seen.append((n, e)))] == ["step-1"]
+    assert seen[0][0] == "step-2" and isinstance(seen[0][1], cairn.UnsupportedVersionError)
+    with pytest.warns(RuntimeWarning, match="step-2"):
+        assert cairn.load(tmp_path / "s") == {"a": 1}
+    with pytest.raises(cairn.UnsupportedVersionError, match="upgrade"):
+        cairn.load(tmp_path / "s", "step-2")
+    report = store.verify()
+    assert report.damaged == ["step-2"] and "version 99" in report.problems[0].message

@@ -20,6 +20,8 @@ from cairn._info import CheckpointInfo, encode_metrics
 from cairn._manifest import (
     FORMAT_VERSION,
     LIMITS,
+    NAME_RE,
+    RESERVED_NAMES,
     Chunk,
     Manifest,
     Shard,
@@ -35,6 +37,7 @@ from cairn._tree import decode_tree, encode_tree
 from cairn._verify import VerifyReport, verify_store
 from cairn.backends import Backend, LocalBackend, open_backend
 from cairn.errors import (
+    CairnError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
@@ -131,15 +134,13 @@ class Store:
     # -- the marker -----------------------------------------------------------------------------------
 
     def _open(self, create: bool, chunk_size: int) -> StoreConfig:
+        local = isinstance(self.backend, LocalBackend)
+        if local and os.path.lexists(self.url) and not os.path.isdir(self.url):
+            raise NotAStoreError(describe_foreign(self.url))
         try:
             return StoreConfig.parse(self.backend.read(MARKER), f"{self.url}/{MARKER}")
         except FileNotFoundError:
             pass
-        except NotADirectoryError:
-            raise NotAStoreError(describe_foreign(self.url)) from None
-        local = isinstance(self.backend, LocalBackend)
-        if local and os.path.lexists(self.url) and not os.path.isdir(self.url):
-            raise NotAStoreError(describe_foreign(self.url))
         if not create:
             raise NotAStoreError(
                 f"{self.url} is not a cairn store (no {MARKER}); "
@@ -163,9 +164,9 @@ class Store:
         """Names of all committed checkpoints (manifests present), unvalidated, sorted."""
         out = []
         for path in self.backend.list("checkpoints"):
-            name = path.removeprefix("checkpoints/")
-            if name.endswith(".json") and "/" not in name:
-                out.append(name.removesuffix(".json"))
+            name = path.removeprefix("checkpoints/").removesuffix(".json")
+            if path.endswith(".json") and NAME_RE.fullmatch(name) and name not in RESERVED_NAMES:
+                out.append(name)  # anything else in checkpoints/ is not a checkpoint cairn wrote
         return sorted(out)
 
     def manifest(self, name: str) -> Manifest:
@@ -194,15 +195,15 @@ class Store:
         return m
 
     def list(
-        self, *, on_damaged: Callable[[str, CorruptCheckpointError], None] | None = None
+        self, *, on_damaged: Callable[[str, CairnError], None] | None = None
     ) -> builtins.list[CheckpointInfo]:
-        """Every committed checkpoint, oldest step first. Damaged manifests are skipped and reported to
-        ``on_damaged`` (by default a warning names them)."""
+        """Every committed checkpoint, oldest step first. Manifests that cannot be read (damaged, or of a
+        newer format) are skipped and reported to ``on_damaged`` (by default a warning names them)."""
         infos = []
         for name in self.names():
             try:
                 infos.append(CheckpointInfo.from_manifest(self.manifest(name)))
-            except CorruptCheckpointError as e:
+            except (CorruptCheckpointError, UnsupportedVersionError) as e:
                 if on_damaged is None:
                     import warnings
 

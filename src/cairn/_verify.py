@@ -11,7 +11,7 @@ import blake3
 import numpy as np
 
 from cairn._read import blob_path
-from cairn.errors import CorruptCheckpointError
+from cairn.errors import CorruptCheckpointError, UnsupportedVersionError
 
 if TYPE_CHECKING:
     from cairn._store import Store
@@ -78,7 +78,7 @@ def verify_store(
         report.checkpoints.append(name)
         try:
             m = store.manifest(name)
-        except CorruptCheckpointError as e:
+        except (CorruptCheckpointError, UnsupportedVersionError) as e:
             report.problems.append(Problem(name, str(e)))
             continue
         for t in m.tensors:

@@ -74,6 +74,8 @@ class LocalBackend:
         except FileNotFoundError:
             if create and not rel:
                 os.makedirs(full, exist_ok=True)
+                with self._lock:
+                    self._dirty.add(os.path.dirname(full))  # the root's own entry must be durable too
                 st = os.lstat(full)
             else:
                 raise
@@ -148,6 +150,8 @@ class LocalBackend:
     def _open(self, path: str) -> int:
         try:
             return os.open(self._file(path), _O_READ)
+        except BackendError:
+            raise
         except FileNotFoundError:
             raise FileNotFoundError(errno.ENOENT, "no such file", os.path.join(self.root, path)) from None
         except OSError as e:
@@ -158,6 +162,8 @@ class LocalBackend:
     def size(self, path: str) -> int | None:
         try:
             st = os.lstat(self._file(path))
+        except BackendError:
+            raise
         except FileNotFoundError:
             return None
         except OSError as e:
