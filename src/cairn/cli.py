@@ -5,10 +5,11 @@
     cairn ls PATH                       one row per checkpoint
     cairn show PATH[@NAME] [--key GLOB] the header and state tree of one checkpoint (default: latest)
     cairn verify PATH[@NAME]            hash every blob; exit status 1 on any damage
+    cairn import FILE PATH              a .safetensors or weights-only torch.save file as a new checkpoint
 
 Every command takes ``--json``. Exit status: 0 success, 1 damage found or corrupt data, 2 bad usage, a
-path that is not a store, or a checkpoint that does not exist. It never imports torch: ``ls`` and
-``show`` read manifests only, ``verify`` hashes raw bytes.
+path that is not a store, or a checkpoint that does not exist. ``ls``, ``show`` and ``verify`` never import
+torch: they read manifests and hash raw bytes.
 """
 
 from __future__ import annotations
@@ -275,6 +276,38 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
     return status
 
 
+def cmd_import(args: argparse.Namespace, out: Output) -> int:
+    from cairn._interop import import_file
+
+    if not os.path.isfile(args.file):
+        raise UsageError(f"{args.file}: no such file")
+    try:
+        store = Store(args.path, create=True)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
+        info = import_file(args.file, store, step=args.step, name=args.name)
+    except ValueError as e:  # a bad --name or --step
+        raise UsageError(str(e)) from None
+    if args.json:
+        out.json(
+            {
+                "store": store.url,
+                "name": info.name,
+                "step": info.step,
+                "tensors": info.num_tensors,
+                "bytes": info.nbytes,
+                "bytes_written": info.bytes_written,
+            }
+        )
+    else:
+        out.line(
+            f"imported {args.file} as {store.url}@{info.name}: {info.num_tensors} tensors, "
+            f"{human_size(info.nbytes)} ({human_size(info.bytes_written or 0)} new)"
+        )
+    return EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -312,6 +345,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("verify", parents=[common], help="check every byte of a store or one checkpoint")
     verify.add_argument("ref", metavar="PATH[@NAME]", help="the store, and one checkpoint (default: all)")
     verify.set_defaults(func=cmd_verify)
+
+    imp = sub.add_parser(
+        "import", parents=[common], help="save a .safetensors or weights-only torch.save file as a checkpoint"
+    )
+    imp.add_argument("file", metavar="FILE", help="a .safetensors file or a torch.save file of tensors")
+    imp.add_argument("path", metavar="PATH", help="the store directory (created if new)")
+    imp.add_argument("--name", help="the checkpoint's name (default: step-STEP)")
+    imp.add_argument("--step", type=int, help="the checkpoint's step (default: one past the latest)")
+    imp.set_defaults(func=cmd_import)
     return parser
 
 
