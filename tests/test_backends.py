@@ -180,3 +180,24 @@ def test_local_write_errors_are_final_and_leave_nothing(
     assert b.size("blobs/ab/x") is None  # the name never appears for data that is not durable
     assert os.listdir(tmp_path / "tmp") == []
     assert b.read("checkpoints/old.json") == b"kept"
+    if failing == "fsync":  # fsync errors are final: this handle refuses to write on
+        with pytest.raises(BackendError, match="earlier fsync failed"):
+            b.create("blobs/ab/y", b"more")
+
+
+def test_local_dir_fsync_failure_is_final(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = LocalBackend(tmp_path)
+    b.create("blobs/ab/x", b"data")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(BackendError):
+        b.flush()
+    monkeypatch.undo()
+    with pytest.raises(BackendError, match="earlier fsync failed"):
+        b.flush()
+
+
+def test_local_reused_names_are_made_durable(tmp_path: Path) -> None:
+    LocalBackend(tmp_path).create("blobs/ab/x", b"data")  # another writer, which never flushed
+    b = LocalBackend(tmp_path)
+    assert not b.create("blobs/ab/x", b"data")
+    assert {str(tmp_path / "blobs" / "ab"), str(tmp_path / "blobs"), str(tmp_path)} <= b._dirty

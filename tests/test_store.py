@@ -215,3 +215,49 @@ def test_a_newer_checkpoint_does_not_hide_the_others(tmp_path: Path) -> None:
         cairn.load(tmp_path / "s", "step-2")
     report = store.verify()
     assert report.damaged == ["step-2"] and "version 99" in report.problems[0].message
+
+
+def test_a_symlinked_store_root_is_followed(tmp_path: Path) -> None:
+    cairn.save(tmp_path / "real", {"a": 1}, step=1)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert cairn.load(tmp_path / "link") == {"a": 1}
+    cairn.save(tmp_path / "link", {"a": 2}, step=2)
+    assert cairn.load(tmp_path / "real") == {"a": 2}
+
+
+def test_metadata_must_be_plain_json(tmp_path: Path) -> None:
+    with pytest.raises(cairn.SerializationError, match="key 1 is not a string"):
+        cairn.save(tmp_path / "s", {}, metadata={"ok": {1: "x"}})
+    with pytest.raises(cairn.SerializationError, match="finite"):
+        cairn.save(tmp_path / "s", {}, metadata={"x": float("nan")})
+    info = cairn.save(tmp_path / "s", {}, metadata={"t": (1, 2), "n": None})
+    assert info.metadata == {"t": [1, 2], "n": None}
+
+
+def test_state_dict_metadata_with_arrays_is_refused(tmp_path: Path) -> None:
+    from collections import OrderedDict
+
+    class Odd:
+        def state_dict(self) -> OrderedDict[str, object]:
+            sd: OrderedDict[str, object] = OrderedDict(w=torch.ones(1))
+            sd._metadata = {"": {"version": torch.ones(1)}}  # type: ignore[attr-defined]
+            return sd
+
+        def load_state_dict(self, sd: object) -> None:
+            pass
+
+    with pytest.raises(cairn.SerializationError, match="_metadata"):
+        cairn.save(tmp_path / "s", {"odd": Odd()})
+
+
+def test_the_shard_check_has_a_budget() -> None:
+    from cairn._manifest import Chunk, ManifestError, Shard, _check_cover
+
+    blob = "ab" * 32
+    grid = tuple(Shard((i, j), (2, 3), (Chunk(blob, 0, 24),)) for i in (0, 2) for j in (0, 3))
+    _check_cover(grid, (4, 6), "m", "w", [10])
+    with pytest.raises(ManifestError, match="too complex"):
+        _check_cover(grid, (4, 6), "m", "w", [0])
+    overlapping = (*grid[:3], Shard((1, 2), (2, 3), ()))
+    with pytest.raises(ManifestError, match="overlap"):
+        _check_cover(overlapping, (4, 6), "m", "w", [100])

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import blake3
+import numpy as np
 
 from cairn._codec import KINDS
 from cairn._dtypes import by_name
@@ -32,6 +33,7 @@ __all__ = [
     "Shard",
     "TensorEntry",
     "canonical_json",
+    "check_json_value",
     "check_name",
     "parse_manifest",
     "strict_json_loads",
@@ -59,7 +61,8 @@ class Limits:
     rank: int = 64
     tensor_bytes: int = 2**50
     chunk_bytes: int = 2**31
-    json_depth: int = 4 * MAX_TREE_DEPTH + 16
+    tree_depth: int = 4 * MAX_TREE_DEPTH + 16
+    shard_comparisons: int = 50_000_000
     name_chars: int = 4096
 
 
@@ -177,6 +180,33 @@ def canonical_json(value: Any) -> bytes:
         raise SerializationError(f"value is not plain JSON: {e}") from None
 
 
+def check_json_value(value: Any, where: str, depth: int = 0) -> Any:
+    """Check that ``value`` is plain JSON (str keys; None, bool, int, finite float, str, list, dict) and
+    return it with tuples as lists; raise :class:`SerializationError` naming the offending key otherwise."""
+    if depth > MAX_TREE_DEPTH:
+        raise SerializationError(f"{where}: nested deeper than {MAX_TREE_DEPTH} levels")
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SerializationError(f"{where}: {value} is not a finite number; JSON has no NaN or infinity")
+        return value
+    if isinstance(value, list | tuple):
+        return [check_json_value(v, f"{where}.{i}", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise SerializationError(
+                    f"{where}: key {k!r} is not a string (JSON objects have string keys)"
+                )
+            out[k] = check_json_value(v, f"{where}.{k}", depth + 1)
+        return out
+    raise SerializationError(
+        f"{where}: a {type(value).__name__} is not plain JSON; use None, bool, int, float, str, list or dict"
+    )
+
+
 def check_name(name: object) -> str:
     """Validate a checkpoint name: 1-128 of ``[A-Za-z0-9._-]``, starting alphanumeric, not reserved."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or name in RESERVED_NAMES:
@@ -266,17 +296,21 @@ def parse_manifest(data: bytes, what: str, limits: Limits = LIMITS) -> Manifest:
     if doc.get("format") != MANIFEST_FORMAT:
         raise _fail(what, f"not a cairn manifest (format field is {str(doc.get('format'))[:40]!r})")
     version = doc.get("version")
-    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+    if type(version) is int and version > FORMAT_VERSION:
         raise UnsupportedVersionError(
             f"{what}: written in format version {version}, this cairn reads up to {FORMAT_VERSION}; "
             "upgrade cairn (pip install -U tensorcairn)"
         )
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise _fail(what, f"unknown format version {str(version)[:20]}")
     keys = {"format", "version", "name", "step", "time", "metrics", "metadata", "tree", "tensors", "digest"}
     _obj(doc, what, "manifest", keys)
     digest = doc.pop("digest")
-    if not isinstance(digest, str) or blake3.blake3(canonical_json(doc)).hexdigest() != digest:
+    try:
+        body = canonical_json(doc)
+    except SerializationError:  # e.g. a lone surrogate escape, which UTF-8 cannot encode
+        raise _fail(what, "holds text that is not valid Unicode") from None
+    if not isinstance(digest, str) or blake3.blake3(body).hexdigest() != digest:
         raise _fail(what, "digest does not match the manifest body (the file is damaged or was edited)")
 
     name = doc["name"]
@@ -287,11 +321,12 @@ def parse_manifest(data: bytes, what: str, limits: Limits = LIMITS) -> Manifest:
     step = _int(doc["step"], what, "step")
     time = doc["time"]
     try:
-        if not isinstance(time, str) or len(time) > 40:
+        if not isinstance(time, str) or len(time) > 40 or datetime.fromisoformat(time).tzinfo is None:
             raise ValueError
-        datetime.fromisoformat(time)
     except ValueError:
-        raise _fail(what, f"time must be an ISO 8601 timestamp, not {str(time)[:40]!r}") from None
+        raise _fail(
+            what, f"time must be an ISO 8601 timestamp with a UTC offset, not {str(time)[:40]!r}"
+        ) from None
     metrics = _check_metrics(doc["metrics"], what)
     if not isinstance(doc["metadata"], dict):
         raise _fail(what, "metadata must be a JSON object")
@@ -321,6 +356,7 @@ def _check_tensors(value: Any, what: str, limits: Limits) -> list[TensorEntry]:
         raise _fail(what, f"tensors must be a list of at most {limits.tensors} entries")
     out: list[TensorEntry] = []
     total_chunks = 0
+    budget = [limits.shard_comparisons]
     for i, raw in enumerate(value):
         t = _obj(raw, what, f"tensor {i}", {"path", "kind", "dtype", "shape", "shards"})
         path = t["path"]
@@ -350,7 +386,7 @@ def _check_tensors(value: Any, what: str, limits: Limits) -> list[TensorEntry]:
         total_chunks += sum(len(s.chunks) for s in parsed)
         if total_chunks > limits.chunks:
             raise _fail(what, f"more than {limits.chunks} chunks in all")
-        _check_cover(parsed, shape, what, where)
+        _check_cover(parsed, shape, what, where, budget)
         out.append(TensorEntry(path, kind, dtype, shape, parsed))
     return out
 
@@ -387,28 +423,40 @@ def _check_shard(
     return Shard(offset, sshape, tuple(chunks))
 
 
-def _check_cover(shards: tuple[Shard, ...], shape: tuple[int, ...], what: str, where: str) -> None:
-    """Shards must tile the tensor exactly: volumes add up and no two boxes overlap."""
+def _check_cover(
+    shards: tuple[Shard, ...], shape: tuple[int, ...], what: str, where: str, budget: list[int]
+) -> None:
+    """Shards must tile the tensor exactly: volumes add up and no two boxes overlap.
+
+    Overlap is found by a sweep along the dimension with the most distinct shard offsets: a box is only
+    compared with the boxes that start inside it along that dimension (vectorised). ``budget`` bounds the
+    comparisons of a whole manifest, so a hostile layout cannot stall the reader.
+    """
     if sum(math.prod(s.shape) for s in shards) != math.prod(shape):
         raise _fail(what, f"{where}: shards do not cover the tensor exactly")
-    if len(shards) == 1 or not shape:
+    boxes = [s for s in shards if math.prod(s.shape)]
+    if len(boxes) < 2:
         return
-    boxes = sorted((s.offset, s.shape) for s in shards if math.prod(s.shape))
-    for a in range(len(boxes)):  # sweep on the first dimension: only boxes that overlap there are compared
-        oa, sa = boxes[a]
-        for b in range(a + 1, len(boxes)):
-            ob, sb = boxes[b]
-            if ob[0] >= oa[0] + sa[0]:
-                break
-            if all(ob[d] < oa[d] + sa[d] and oa[d] < ob[d] + sb[d] for d in range(len(shape))):
-                raise _fail(what, f"{where}: shards overlap")
+    lo = np.array([s.offset for s in boxes], dtype=np.int64)
+    hi = lo + np.array([s.shape for s in boxes], dtype=np.int64)
+    d = max(range(len(shape)), key=lambda k: len(np.unique(lo[:, k])))
+    order = np.argsort(lo[:, d], kind="stable")
+    lo, hi = lo[order], hi[order]
+    ends = np.searchsorted(lo[:, d], hi[:, d], side="left")  # boxes i+1..ends[i]-1 start inside box i
+    for i in np.flatnonzero(ends > np.arange(1, len(boxes) + 1)):
+        j = int(ends[i])
+        budget[0] -= j - int(i) - 1
+        if budget[0] < 0:
+            raise _fail(what, f"{where}: the shard layout is too complex to validate")
+        if np.any(np.all((lo[i + 1 : j] < hi[i]) & (lo[i] < hi[i + 1 : j]), axis=1)):
+            raise _fail(what, f"{where}: shards overlap")
 
 
 def _check_node(
     node: Any, path: tuple[str | int, ...], depth: int, what: str, paths: list[str | None], limits: Limits
 ) -> None:
-    if depth > limits.json_depth:
-        raise _fail(what, f"tree nested deeper than {limits.json_depth} at {format_path(path[:8])[:120]}")
+    if depth > limits.tree_depth:
+        raise _fail(what, f"tree nested deeper than {limits.tree_depth} at {format_path(path[:8])[:120]}")
     if node is None or isinstance(node, bool | int | float | str):
         return
     where = f"tree node {format_path(path)[:120] or '<root>'}"

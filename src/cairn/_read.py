@@ -11,7 +11,7 @@ import numpy as np
 from cairn._codec import allocate, from_buffer
 from cairn._manifest import Chunk, Shard, TensorEntry
 from cairn.backends.base import Backend
-from cairn.errors import BlobCorruptError, BlobMissingError
+from cairn.errors import BackendError, BlobCorruptError, BlobMissingError, OutOfMemoryError
 
 __all__ = ["MMAP_MIN_BYTES", "TensorReader", "blob_path"]
 
@@ -37,7 +37,10 @@ class TensorReader:
         return f"checkpoint {self.checkpoint!r}, key {entry.path!r}: blob {blob}"
 
     def _check_size(self, entry: TensorEntry, chunk: Chunk) -> None:
-        size = self.backend.size(blob_path(chunk.blob))
+        try:
+            size = self.backend.size(blob_path(chunk.blob))
+        except BackendError as e:  # not a regular file, a symlink, an unreadable directory...
+            raise BlobCorruptError(f"{self._where(entry, chunk.blob)}: {e}") from None
         if size is None:
             raise BlobMissingError(
                 f"{self._where(entry, chunk.blob)} is missing from {self.backend.url}; "
@@ -82,7 +85,13 @@ class TensorReader:
             if mapped is not None and mapped.nbytes == chunks[0].nbytes:
                 self._check_hash(entry, chunks[0], mapped)
                 return from_buffer(entry.kind, entry.dtype, shape, mapped)
-        out = allocate(entry.kind, entry.dtype, shape)
+        try:
+            out = allocate(entry.kind, entry.dtype, shape)
+        except (MemoryError, RuntimeError) as e:  # numpy raises MemoryError, torch RuntimeError
+            raise OutOfMemoryError(
+                f"checkpoint {self.checkpoint!r}, key {entry.path!r}: cannot allocate {entry.nbytes} bytes "
+                f"({str(e)[:120]}); load fewer keys at a time with keys=, or use a machine with more memory"
+            ) from None
         if whole:
             self._fill(entry, entry.shards[0].chunks, out.buffer)
             return out.value

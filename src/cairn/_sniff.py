@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 __all__ = ["describe_foreign"]
 
@@ -10,10 +11,13 @@ __all__ = ["describe_foreign"]
 def describe_foreign(path: str) -> str:
     """A message for a path that is not a cairn store: what it looks like and the way forward."""
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            return f"{path} is a directory but not a cairn store"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{path} is not a cairn store: it is not a directory (nor even a regular file)"
         with open(path, "rb") as f:
             head = f.read(16)
-    except IsADirectoryError:
-        return f"{path} is a directory but not a cairn store"
     except OSError as e:
         return f"{path} is not a cairn store ({e.strerror})"
     base = f"{path} is a file, not a cairn store (a store is a directory)"

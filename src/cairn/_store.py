@@ -27,6 +27,7 @@ from cairn._manifest import (
     Shard,
     TensorEntry,
     canonical_json,
+    check_json_value,
     check_name,
     parse_manifest,
     strict_json_loads,
@@ -37,6 +38,7 @@ from cairn._tree import decode_tree, encode_tree
 from cairn._verify import VerifyReport, verify_store
 from cairn.backends import Backend, LocalBackend, open_backend
 from cairn.errors import (
+    BackendError,
     CairnError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -53,6 +55,7 @@ DEFAULT_CHUNK_SIZE = 16 * 2**20
 """Tensors are cut into chunks of at most this many bytes; each chunk is one blob."""
 
 MARKER = "cairn.json"
+_MARKER_LIMIT = 1 << 16
 STORE_FORMAT = "cairn.store"
 _WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
 
@@ -74,19 +77,22 @@ class StoreConfig:
     def parse(cls, data: bytes, where: str) -> StoreConfig:
         """Validate a marker; refuses another format or a newer version."""
         try:
-            doc = strict_json_loads(data, where, 1 << 16)
+            doc = strict_json_loads(data, where, _MARKER_LIMIT)
         except ManifestError as e:
             raise NotAStoreError(f"{e}: the store marker is damaged") from None
         if doc.get("format") != STORE_FORMAT:
             raise NotAStoreError(f"{where} is not a cairn store marker")
         version = doc.get("version")
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        if type(version) is not int or version < 1:
             raise NotAStoreError(f"{where}: invalid format version {str(version)[:20]!r}")
         if version > FORMAT_VERSION:
             raise UnsupportedVersionError(
                 f"{where}: the store has format version {version}, this cairn reads up to {FORMAT_VERSION}; "
                 "upgrade cairn (pip install -U tensorcairn)"
             )
+        unknown = set(doc) - {"format", "version", "hash", "chunk_size"}
+        if unknown:
+            raise NotAStoreError(f"{where}: unknown fields {sorted(unknown)[:5]}")
         chunk = doc.get("chunk_size")
         if doc.get("hash") != "blake3" or not isinstance(chunk, int) or not 1 <= chunk <= LIMITS.chunk_bytes:
             raise NotAStoreError(f"{where}: invalid hash or chunk_size")
@@ -137,10 +143,11 @@ class Store:
         local = isinstance(self.backend, LocalBackend)
         if local and os.path.lexists(self.url) and not os.path.isdir(self.url):
             raise NotAStoreError(describe_foreign(self.url))
-        try:
+        size = self.backend.size(MARKER)
+        if size is not None:
+            if size > _MARKER_LIMIT:
+                raise NotAStoreError(f"{self.url}/{MARKER}: {size} bytes is far too large for a store marker")
             return StoreConfig.parse(self.backend.read(MARKER), f"{self.url}/{MARKER}")
-        except FileNotFoundError:
-            pass
         if not create:
             raise NotAStoreError(
                 f"{self.url} is not a cairn store (no {MARKER}); "
@@ -175,7 +182,10 @@ class Store:
             return self.manifest(self._latest_name())
         check_name(name)
         path = f"checkpoints/{name}.json"
-        size = self.backend.size(path)
+        try:
+            size = self.backend.size(path)
+        except BackendError as e:  # a symlink, a directory, a FIFO where the manifest should be
+            raise ManifestError(f"{self.url}/{path}: {e}") from None
         if size is None:
             raise CheckpointNotFoundError(
                 f"no checkpoint {name!r} in {self.url}; `cairn ls {self.url}` lists the checkpoints"
@@ -259,8 +269,7 @@ class Store:
             stored_metrics = encode_metrics(metrics)
         except TypeError as e:
             raise SerializationError(str(e)) from None
-        meta = dict(metadata or {})
-        canonical_json(meta)  # raises SerializationError for non-JSON metadata
+        meta = check_json_value(dict(metadata or {}), "metadata")
         tree, arrays = encode_tree(state)
         entries, written, nblobs = self._write_tensors(arrays)
         self.backend.flush()  # every blob durable before the manifest can name it
@@ -317,10 +326,9 @@ class Store:
         blob = blake3.blake3(data).hexdigest()
         path = blob_path(blob)
         size = self.backend.size(path)
-        if size == data.nbytes:
-            return blob, False
-        if size is not None:  # a damaged copy under this name: replace it with the true bytes
+        if size is not None and size != data.nbytes:  # a damaged copy under this name: replace it
             self.backend.delete(path)
+        # when the blob is there, create writes nothing but still makes its name durable for our commit
         return blob, self.backend.create(path, data)
 
     # -- loading --------------------------------------------------------------------------------------

@@ -113,7 +113,13 @@ class _Encoder:
             node: dict[str, Any] = {"object": _type_name(value), "state": self.encode(state, path)}
             meta = getattr(state, "_metadata", None)
             if isinstance(meta, Mapping):
-                node["meta"] = self.encode(dict(meta), (*path, "_metadata"))
+                meta_encoder = _Encoder()
+                node["meta"] = meta_encoder.encode(dict(meta), (*path, "_metadata"))
+                if meta_encoder.arrays:
+                    raise SerializationError(
+                        f"{self._where(path)}._metadata: holds arrays; torch's state-dict metadata must be "
+                        "plain values"
+                    )
             return node
         raise SerializationError(
             f"{self._where(path)}: cannot save a value of type {_type_name(value)} without pickle. "

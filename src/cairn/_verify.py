@@ -11,7 +11,7 @@ import blake3
 import numpy as np
 
 from cairn._read import blob_path
-from cairn.errors import CorruptCheckpointError, UnsupportedVersionError
+from cairn.errors import BackendError, CorruptCheckpointError, UnsupportedVersionError
 
 if TYPE_CHECKING:
     from cairn._store import Store
@@ -53,6 +53,13 @@ class VerifyReport:
 def _check_blob(store: Store, blob: str, nbytes: int) -> str | None:
     """None if the blob is intact, else what is wrong with it."""
     path = blob_path(blob)
+    try:
+        return _blob_problem(store, path, blob, nbytes)
+    except BackendError as e:
+        return f"cannot be read: {e}"
+
+
+def _blob_problem(store: Store, path: str, blob: str, nbytes: int) -> str | None:
     size = store.backend.size(path)
     if size is None:
         return "missing"

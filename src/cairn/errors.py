@@ -18,6 +18,7 @@ and, where there is one, the fix. Nothing cairn raises for bad input is a bare `
     │   └── BlobCorruptError            a blob has the wrong size or the wrong hash
     ├── SerializationError              a value in the state cannot be saved without pickle (also a TypeError)
     ├── RestoreError                    a checkpoint does not fit the live objects (strict restore)
+    ├── OutOfMemoryError                a tensor is larger than the memory left (also a MemoryError)
     └── BackendError                    the storage backend failed (I/O error, disk full, bad path)
 """
 
@@ -33,6 +34,7 @@ __all__ = [
     "CorruptCheckpointError",
     "ManifestError",
     "NotAStoreError",
+    "OutOfMemoryError",
     "RestoreError",
     "SerializationError",
     "StoreError",
@@ -86,6 +88,10 @@ class SerializationError(CairnError, TypeError):
 
 class RestoreError(CairnError):
     """A checkpoint does not fit the objects it is restored into (missing, unexpected or mismatched keys)."""
+
+
+class OutOfMemoryError(CairnError, MemoryError):
+    """A tensor of the checkpoint cannot be allocated; load fewer keys (``keys=``) or use a bigger machine."""
 
 
 class BackendError(CairnError, OSError):

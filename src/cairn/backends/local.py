@@ -23,7 +23,7 @@ from cairn.errors import BackendError
 
 __all__ = ["LocalBackend"]
 
-_O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+_O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs us
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _MAX_WRITE = 1 << 30
 
@@ -39,10 +39,12 @@ class LocalBackend:
     """Files under a local directory ``root``."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = os.path.abspath(os.fspath(root))
+        # the root itself may be a symlink (scratch directories on clusters often are); nothing inside may
+        self.root = os.path.realpath(os.fspath(root))
         self._dirty: set[str] = set()
         self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
+        self._failed: str | None = None
 
     @property
     def url(self) -> str:
@@ -73,9 +75,7 @@ class LocalBackend:
             st = os.lstat(full)
         except FileNotFoundError:
             if create and not rel:
-                os.makedirs(full, exist_ok=True)
-                with self._lock:
-                    self._dirty.add(os.path.dirname(full))  # the root's own entry must be durable too
+                self._make_root()
                 st = os.lstat(full)
             else:
                 raise
@@ -85,6 +85,34 @@ class LocalBackend:
             self._safe_dirs.add(full)
         return full
 
+    def _make_root(self) -> None:
+        """Create the root and any missing ancestors, each new entry marked for a directory fsync."""
+        missing = []
+        path = self.root
+        while not os.path.lexists(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o755)
+            with self._lock:
+                self._dirty.add(os.path.dirname(d))
+
+    def _mark_chain(self, directory: str) -> None:
+        """Mark ``directory`` and its parents up to the root for fsync: names others created (a racing
+        writer, a crashed process) are made durable before our commit relies on them."""
+        with self._lock:
+            while len(directory) >= len(self.root):
+                self._dirty.add(directory)
+                directory = os.path.dirname(directory)
+
+    def _check_usable(self) -> None:
+        if self._failed is not None:
+            raise BackendError(
+                f"{self.root}: an earlier fsync failed ({self._failed}); data written since may be lost, so "
+                "this store handle refuses to write more. Check the disk, then open the store again."
+            )
+
     def _file(self, path: str, create_parent: bool = False) -> str:
         check_path(path)
         parent_rel, _, name = path.rpartition("/")
@@ -93,11 +121,15 @@ class LocalBackend:
     # -- writing --------------------------------------------------------------------------------------
 
     def create(self, path: str, data: Buffer) -> bool:
+        self._check_usable()
         try:
             final = self._file(path, create_parent=True)
+        except BackendError:
+            raise
         except OSError as e:
             raise _error("create directory for", path, e) from None
         if os.path.lexists(final):
+            self._mark_chain(os.path.dirname(final))
             return False
         try:
             tmp_dir = self._dir("tmp", create=True)
@@ -114,7 +146,11 @@ class LocalBackend:
                 while view.nbytes:
                     n = os.write(fd, view[:_MAX_WRITE])
                     view = view[n:]
-                os.fsync(fd)
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    self._failed = f"fsync {path}: {e.strerror or e}"
+                    raise
             finally:
                 os.close(fd)
             try:
@@ -127,15 +163,14 @@ class LocalBackend:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        if created:
-            with self._lock:
-                self._dirty.add(os.path.dirname(final))
+        self._mark_chain(os.path.dirname(final))  # also when a racing writer linked it first
         return created
 
     def flush(self) -> None:
+        self._check_usable()
         with self._lock:
             dirs, self._dirty = sorted(self._dirty, key=len, reverse=True), set()
-        for d in dirs:  # deepest first, so a new directory's entry is synced after its contents
+        for i, d in enumerate(dirs):  # deepest first, so a new directory's entry is synced after its contents
             try:
                 fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
                 try:
@@ -143,13 +178,16 @@ class LocalBackend:
                 finally:
                     os.close(fd)
             except OSError as e:
+                with self._lock:
+                    self._dirty.update(dirs[i:])
+                    self._failed = f"fsync {d}: {e.strerror or e}"  # final: never retried to a false success
                 raise _error("fsync directory", d, e) from None
 
     # -- reading --------------------------------------------------------------------------------------
 
     def _open(self, path: str) -> int:
         try:
-            return os.open(self._file(path), _O_READ)
+            fd = os.open(self._file(path), _O_READ)
         except BackendError:
             raise
         except FileNotFoundError:
@@ -158,6 +196,10 @@ class LocalBackend:
             if e.errno == errno.ELOOP:
                 raise BackendError(errno.ELOOP, f"{path} is a symlink; a store never follows links") from None
             raise _error("open", path, e) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise BackendError(f"{path} is not a regular file; a store holds only regular files")
+        return fd
 
     def size(self, path: str) -> int | None:
         try:
