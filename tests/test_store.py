@@ -261,3 +261,17 @@ def test_the_shard_check_has_a_budget() -> None:
     overlapping = (*grid[:3], Shard((1, 2), (2, 3), ()))
     with pytest.raises(ManifestError, match="overlap"):
         _check_cover(overlapping, (4, 6), "m", "w", [100])
+
+
+def _save_rank(root: str, rank: int) -> cairn.CheckpointInfo:
+    return cairn.save(root, {"rank": rank, "shared": np.ones(1000)}, step=rank)
+
+
+def test_racing_creators_share_one_store(tmp_path: Path) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        infos = pool.starmap(_save_rank, [(str(tmp_path / "s"), i) for i in range(4)])
+    assert sorted(i.step for i in infos) == [0, 1, 2, 3]
+    assert [i.step for i in cairn.Store(tmp_path / "s").list()] == [0, 1, 2, 3]

@@ -56,6 +56,7 @@ DEFAULT_CHUNK_SIZE = 16 * 2**20
 
 MARKER = "cairn.json"
 _MARKER_LIMIT = 1 << 16
+_LAYOUT = {MARKER, "blobs", "checkpoints", "tmp", "locks"}
 STORE_FORMAT = "cairn.store"
 _WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
 
@@ -155,13 +156,14 @@ class Store:
             )
         if not 1 <= chunk_size <= LIMITS.chunk_bytes:
             raise ValueError(f"chunk_size must be between 1 and {LIMITS.chunk_bytes}, not {chunk_size}")
-        if local and os.path.isdir(self.url) and os.listdir(self.url):
+        if local and os.path.isdir(self.url) and set(os.listdir(self.url)) - _LAYOUT:
             raise NotAStoreError(
                 f"{self.url} is a non-empty directory but not a cairn store; "
                 "save into a new or empty directory"
             )
         config = StoreConfig(chunk_size=chunk_size)
         self.backend.create(MARKER, config.to_bytes())  # a racing creator may win: read back theirs
+        # (its layout directories may already be there: that is why only foreign entries are refused)
         self.backend.flush()
         return StoreConfig.parse(self.backend.read(MARKER), f"{self.url}/{MARKER}")
 
