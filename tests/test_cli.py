@@ -101,7 +101,7 @@ def test_ls_plain_table(store: Path) -> None:
     r = run("ls", str(store))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "STEP", "TIME", "METRICS", "SIZE", "TENSORS"]
+    assert lines[0].split() == ["NAME", "STEP", "TIME", "METRICS", "SIZE", "TENSORS", "KEPT", "BY"]
     assert [line.split()[0] for line in lines[1:]] == ["step-100", "step-200"]
     info = cairn.Store(store).info("step-200")
     row = lines[2]
@@ -109,7 +109,7 @@ def test_ls_plain_table(store: Path) -> None:
     assert info.time.astimezone().strftime("%Y-%m-%d %H:%M:%S") in row
     assert "acc=0.9 val_loss=0.21" in row
     assert f"{info.nbytes} B" in row  # small: shown in bytes
-    assert row.split()[-1] == str(info.num_tensors)
+    assert row.split()[-4:] == [str(info.num_tensors), "newest,", "keep", "all"]  # no policy: keep all
     assert not BOX_CHARS.search(r.stdout) and not ANSI.search(r.stdout)
     assert r.stderr == ""
 
@@ -131,6 +131,7 @@ def test_ls_json(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "nbytes": info.nbytes,
         "num_tensors": info.num_tensors,
         "num_blobs": info.num_blobs,
+        "kept_by": ["newest", "keep all"],
         "damaged": False,
         "error": None,
     }

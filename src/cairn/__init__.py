@@ -11,8 +11,12 @@ exists completely or not at all) and verified (every byte checksummed)::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from cairn._api import load, restore, save
+from cairn._gc import GCReport
 from cairn._info import CheckpointInfo
+from cairn._manager import CheckpointManager
 from cairn._manifest import FORMAT_VERSION
 from cairn._restore import Mismatch, RestoreReport
 from cairn._store import Store
@@ -28,38 +32,85 @@ from cairn.errors import (
     ManifestError,
     NotAStoreError,
     OutOfMemoryError,
+    PinnedError,
     RestoreError,
     SerializationError,
+    StaleStepError,
     StoreError,
+    StoreLockedError,
     UnsupportedVersionError,
 )
+from cairn.policies import (
+    AtSteps,
+    Every,
+    KeepAll,
+    KeepAny,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    KeepWithin,
+    SaveContext,
+)
+
+if TYPE_CHECKING:
+    from cairn._resume import ResumableDataLoader, ResumableSampler, RNGState, resumable_loader
 
 __version__ = "0.1.0"
 
+_LAZY = {"RNGState", "ResumableDataLoader", "ResumableSampler", "resumable_loader"}
+
+
+def __getattr__(name: str) -> Any:
+    """The exact-resume helpers import torch, so they load on first use (``cairn ls`` never needs torch)."""
+    if name in _LAZY:
+        from cairn import _resume
+
+        return getattr(_resume, name)
+    raise AttributeError(f"module 'cairn' has no attribute {name!r}")
+
+
 __all__ = [
     "FORMAT_VERSION",
+    "AtSteps",
     "BackendError",
     "BlobCorruptError",
     "BlobMissingError",
     "CairnError",
     "CheckpointExistsError",
     "CheckpointInfo",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "Every",
+    "GCReport",
+    "KeepAll",
+    "KeepAny",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLast",
+    "KeepWithin",
     "ManifestError",
     "Mismatch",
     "NotAStoreError",
     "OutOfMemoryError",
+    "PinnedError",
     "Problem",
+    "RNGState",
     "RestoreError",
     "RestoreReport",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "SaveContext",
     "SerializationError",
+    "StaleStepError",
     "Store",
     "StoreError",
+    "StoreLockedError",
     "UnsupportedVersionError",
     "VerifyReport",
     "__version__",
     "load",
     "restore",
+    "resumable_loader",
     "save",
 ]

@@ -28,6 +28,7 @@ __all__ = [
     "Column",
     "Entry",
     "Output",
+    "UsageError",
     "clean",
     "human_size",
     "json_number",
@@ -100,6 +101,10 @@ def json_number(v: float | int) -> float | int | str:
     if isinstance(v, float) and not math.isfinite(v):
         return _number(v)
     return v
+
+
+class UsageError(Exception):
+    """Bad command-line input found after parsing (exit status 2)."""
 
 
 @dataclass(frozen=True)

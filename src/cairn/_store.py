@@ -16,6 +16,7 @@ from typing import Any
 import blake3
 
 from cairn import _codec
+from cairn._gc import DEFAULT_GRACE, GCReport, collect_garbage
 from cairn._info import CheckpointInfo, encode_metrics
 from cairn._manifest import (
     FORMAT_VERSION,
@@ -45,6 +46,7 @@ from cairn.errors import (
     CorruptCheckpointError,
     ManifestError,
     NotAStoreError,
+    PinnedError,
     SerializationError,
     UnsupportedVersionError,
 )
@@ -56,7 +58,7 @@ DEFAULT_CHUNK_SIZE = 16 * 2**20
 
 MARKER = "cairn.json"
 _MARKER_LIMIT = 1 << 16
-_LAYOUT = {MARKER, "blobs", "checkpoints", "tmp", "locks"}
+_LAYOUT = {MARKER, "blobs", "checkpoints", "tmp", "locks", "pins"}
 STORE_FORMAT = "cairn.store"
 _WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
 
@@ -273,6 +275,20 @@ class Store:
             raise SerializationError(str(e)) from None
         meta = check_json_value(dict(metadata or {}), "metadata")
         tree, arrays = encode_tree(state)
+        with self.backend.lock("gc", shared=True):  # garbage collection waits for this save, and it for gc
+            return self._commit(name, step, tree, arrays, stored_metrics, meta, started)
+
+    def _commit(
+        self,
+        name: str,
+        step: int,
+        tree: Any,
+        arrays: builtins.list[tuple[str, _codec.EncodedArray]],
+        metrics: dict[str, float | int | str],
+        metadata: dict[str, Any],
+        started: float,
+    ) -> CheckpointInfo:
+        """Write the blobs the store lacks, then the manifest: the commit."""
         entries, written, nblobs = self._write_tensors(arrays)
         self.backend.flush()  # every blob durable before the manifest can name it
         manifest = Manifest(
@@ -281,8 +297,8 @@ class Store:
             time=datetime.now(UTC).isoformat(timespec="microseconds"),
             tree=tree,
             tensors=tuple(entries),
-            metrics=stored_metrics,
-            metadata=meta,
+            metrics=metrics,
+            metadata=metadata,
         )
         data = manifest.to_bytes()
         if len(data) > LIMITS.manifest_bytes:
@@ -362,15 +378,41 @@ class Store:
         )
 
     def delete(self, name: str) -> None:
-        """Delete checkpoint ``name`` (its manifest; blobs stay until garbage collection)."""
+        """Delete checkpoint ``name`` (its manifest; blobs stay until :meth:`gc`). Pinned ones are refused."""
         check_name(name)
         path = f"checkpoints/{name}.json"
         if self.backend.size(path) is None:
             raise CheckpointNotFoundError(f"no checkpoint {name!r} in {self.url}")
+        if name in self.pins():
+            raise PinnedError(f"checkpoint {name!r} of {self.url} is pinned; unpin it first to delete it")
         self.backend.delete(path)
         self.backend.flush()
         with self._lock:
             self._manifests.pop(name, None)
+
+    def pins(self) -> set[str]:
+        """Names of the pinned checkpoints: retention never deletes them."""
+        names = (p.removeprefix("pins/") for p in self.backend.list("pins"))
+        return {n for n in names if NAME_RE.fullmatch(n)}
+
+    def pin(self, name: str) -> None:
+        """Pin checkpoint ``name`` (``"latest"`` allowed) so that no retention policy ever deletes it."""
+        name = self.manifest(name).name
+        self.backend.create(f"pins/{name}", b"")
+        self.backend.flush()
+
+    def unpin(self, name: str) -> None:
+        """Remove the pin of checkpoint ``name``, if any."""
+        check_name(name)
+        self.backend.delete(f"pins/{name}")
+        self.backend.flush()
+
+    def gc(self, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> GCReport:
+        """Delete blobs no checkpoint references (older than ``grace`` seconds) and crash leftovers.
+
+        Runs under the store's ``gc`` lock, which saves hold shared: it never races a save.
+        """
+        return collect_garbage(self, grace=grace, dry_run=dry_run)
 
     def verify(
         self, name: str | None = None, *, progress: Callable[[int, int], None] | None = None

@@ -22,9 +22,11 @@ from dataclasses import asdict
 from typing import Any, NoReturn
 
 from cairn import __version__
+from cairn._cli_manage import add_manage_commands, kept_by
 from cairn._cli_render import (
     Column,
     Output,
+    UsageError,
     clean,
     human_size,
     json_number,
@@ -44,10 +46,6 @@ from cairn.errors import CairnError, CheckpointNotFoundError, NotAStoreError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-class UsageError(Exception):
-    """Bad command-line input found after parsing (exit status 2)."""
 
 
 # ------------------------------------------------------------------------------------------------ refs
@@ -108,12 +106,13 @@ def _short_error(store: Store, name: str, msg: str) -> str:
 # ------------------------------------------------------------------------------------------------ ls
 
 
-_LS_KEYS = ("name", "step", "time", "metrics", "metadata", "nbytes", "num_tensors", "num_blobs")
+_LS_KEYS = ("name", "step", "time", "metrics", "metadata", "nbytes", "num_tensors", "num_blobs", "kept_by")
 
 
 def cmd_ls(args: argparse.Namespace, out: Output) -> int:
     store = _open(args.path)
     infos, damaged = _infos(store)
+    reasons = kept_by(store, infos)
     if args.json:
         rows: list[dict[str, Any]] = [
             {
@@ -125,10 +124,11 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
                 "nbytes": i.nbytes,
                 "num_tensors": i.num_tensors,
                 "num_blobs": i.num_blobs,
+                "kept_by": list(why),
                 "damaged": False,
                 "error": None,
             }
-            for i in infos
+            for i, why in zip(infos, reasons, strict=True)
         ]
         for name, e in damaged:
             rows.append({**dict.fromkeys(_LS_KEYS), "name": name, "damaged": True, "error": str(e)})
@@ -144,6 +144,7 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
         Column("METRICS"),
         Column("SIZE", right=True),
         Column("TENSORS", right=True),
+        Column("KEPT BY"),
     ]
     table = [
         [
@@ -153,11 +154,12 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
             metrics_text(i.metrics),
             human_size(i.nbytes),
             str(i.num_tensors),
+            ", ".join(why) or "(deleted by the next retention pass)",
         ]
-        for i in infos
+        for i, why in zip(infos, reasons, strict=True)
     ]
     for name, e in damaged:
-        table.append([name, "-", "-", f"DAMAGED: {_short_error(store, name, str(e))}", "-", "-"])
+        table.append([name, "-", "-", f"DAMAGED: {_short_error(store, name, str(e))}", "-", "-", "-"])
     styles = [None] * len(infos) + ["red"] * len(damaged)
     out.table(columns, table, styles)
     return EXIT_OK
@@ -354,7 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--name", help="the checkpoint's name (default: step-STEP)")
     imp.add_argument("--step", type=int, help="the checkpoint's step (default: one past the latest)")
     imp.set_defaults(func=cmd_import)
+    add_manage_commands(sub, common)
     return parser
+
+
+def _dispatch(args: argparse.Namespace, out: Output) -> int:
+    if hasattr(args, "store_command"):
+        return int(args.store_command(args, out, _open(args.path)))
+    if hasattr(args, "pin_command"):
+        path, name = parse_ref(args.ref)
+        if name is None:
+            raise UsageError(f"{args.command} needs PATH@NAME, the checkpoint to {args.command}")
+        store = _open(path)
+        return int(args.pin_command(args, out, store, _resolve(store, name)))
+    return int(args.func(args, out))
 
 
 def _fail(message: str) -> None:
@@ -369,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     out = Output()
     try:
-        status: int = args.func(args, out)
+        status: int = _dispatch(args, out)
         sys.stdout.flush()
         return status
     except (UsageError, NotAStoreError, CheckpointNotFoundError) as e:

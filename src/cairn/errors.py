@@ -9,9 +9,12 @@ and, where there is one, the fix. Nothing cairn raises for bad input is a bare `
     CairnError
     ├── StoreError                      a problem with the store as a whole
     │   ├── NotAStoreError              the path is not a cairn store (or holds another format)
-    │   └── UnsupportedVersionError     the store or checkpoint was written by a newer cairn
+    │   ├── UnsupportedVersionError     the store or checkpoint was written by a newer cairn
+    │   └── StoreLockedError            another process holds the store's lock (a second manager)
     ├── CheckpointNotFoundError         no checkpoint of that name (also a FileNotFoundError)
     ├── CheckpointExistsError           that name is already committed (also a FileExistsError)
+    ├── PinnedError                     the checkpoint is pinned: unpin it before deleting it
+    ├── StaleStepError                  a save's step is behind the store's latest (forgot restore?)
     ├── CorruptCheckpointError          stored data fails a check; nothing from it is returned
     │   ├── ManifestError               the manifest is damaged, hostile or breaks a reader limit
     │   ├── BlobMissingError            a blob the manifest references is absent
@@ -35,9 +38,12 @@ __all__ = [
     "ManifestError",
     "NotAStoreError",
     "OutOfMemoryError",
+    "PinnedError",
     "RestoreError",
     "SerializationError",
+    "StaleStepError",
     "StoreError",
+    "StoreLockedError",
     "UnsupportedVersionError",
 ]
 
@@ -56,6 +62,18 @@ class NotAStoreError(StoreError):
 
 class UnsupportedVersionError(StoreError):
     """The store or a checkpoint was written by a newer format version than this cairn reads."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's lock: two managers may not write one directory at once."""
+
+
+class PinnedError(CairnError):
+    """The checkpoint is pinned and is never deleted; unpin it first."""
+
+
+class StaleStepError(CairnError, ValueError):
+    """A save's step is behind the latest checkpoint's: a restarted run that did not restore first?"""
 
 
 class CheckpointNotFoundError(CairnError, FileNotFoundError):

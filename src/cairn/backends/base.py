@@ -7,6 +7,10 @@ Call order of a save, which every backend must make safe::
     create(manifest)                # the commit: atomic, refuses to replace
     flush()                         # the commit is durable
 
+``create`` of a path that exists writes nothing, returns False, and refreshes its ``modified`` time, so
+that a blob a save reuses looks young to the garbage collector. Locks (``lock``) are the only mutable
+files; a save holds the ``gc`` lock shared, garbage collection holds it exclusive.
+
 Paths are relative POSIX paths built by the store (``blobs/ab/ab12...``, ``checkpoints/step-3.json``);
 :func:`check_path` is the gate every backend applies before touching anything.
 """
@@ -20,7 +24,7 @@ from typing import Protocol, runtime_checkable
 
 from cairn.errors import BackendError
 
-__all__ = ["Backend", "BackendProperties", "Buffer", "check_path"]
+__all__ = ["Backend", "BackendLock", "BackendProperties", "Buffer", "check_path"]
 
 Buffer = bytes | bytearray | memoryview
 """What a backend accepts to write."""
@@ -46,6 +50,22 @@ def check_path(path: str) -> str:
     if not path or len(parts) > 8 or not all(_PART_RE.fullmatch(p) for p in parts):
         raise BackendError(f"refusing unsafe store path {path[:200]!r}")
     return path
+
+
+@runtime_checkable
+class BackendLock(Protocol):
+    """A held lock; released by :meth:`release` or by leaving a ``with`` block (and by process death)."""
+
+    stale_holder: str | None
+    """For an exclusive lock taken over from a process that died holding it: what that process was."""
+
+    def release(self) -> None:
+        """Release the lock (idempotent)."""
+        ...
+
+    def __enter__(self) -> BackendLock: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 @runtime_checkable
@@ -92,4 +112,15 @@ class Backend(Protocol):
 
     def delete(self, path: str) -> None:
         """Remove a file; a missing file is not an error."""
+        ...
+
+    def modified(self, path: str) -> float | None:
+        """When the file was created or last reused by ``create`` (Unix time), or None if it is missing.
+        Garbage collection spares files younger than its grace period."""
+        ...
+
+    def lock(self, name: str, *, shared: bool = False, blocking: bool = True, owner: str = "") -> BackendLock:
+        """Take the lock ``name``: shared or exclusive, waiting for it or raising
+        :class:`~cairn.errors.StoreLockedError` at once (``blocking=False``). ``owner`` describes the
+        holder for that error. A lock dies with its process: there are no stale locks."""
         ...

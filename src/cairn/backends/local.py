@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import stat
@@ -19,9 +20,9 @@ import uuid
 from collections.abc import Iterator
 
 from cairn.backends.base import BackendProperties, Buffer, check_path
-from cairn.errors import BackendError
+from cairn.errors import BackendError, StoreLockedError
 
-__all__ = ["LocalBackend"]
+__all__ = ["FileLock", "LocalBackend"]
 
 _O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK: a FIFO never hangs us
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -33,6 +34,30 @@ def _error(op: str, path: str, e: OSError) -> BackendError:
     err = BackendError(e.errno, f"{op} {path}: {e.strerror or e}{hint}")
     err.filename = path
     return err
+
+
+class FileLock:
+    """An ``flock`` on a file in ``<root>/locks/``; the kernel drops it if the process dies."""
+
+    def __init__(self, fd: int, stale_holder: str | None, *, exclusive: bool) -> None:
+        self._fd: int | None = fd
+        self._exclusive = exclusive
+        self.stale_holder = stale_holder
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):
+                if self._exclusive:  # an orderly release leaves no holder behind: content means a crash
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> FileLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class LocalBackend:
@@ -129,6 +154,8 @@ class LocalBackend:
         except OSError as e:
             raise _error("create directory for", path, e) from None
         if os.path.lexists(final):
+            with contextlib.suppress(OSError):  # refresh its age for the garbage collector (git's trick)
+                os.utime(final, follow_symlinks=False)
             self._mark_chain(os.path.dirname(final))
             return False
         try:
@@ -265,6 +292,46 @@ class LocalBackend:
             dirnames.sort()
             for name in sorted(filenames):
                 yield f"{rel}/{name}"
+
+    def modified(self, path: str) -> float | None:
+        try:
+            return os.lstat(self._file(path)).st_mtime
+        except FileNotFoundError:
+            return None
+        except BackendError:
+            raise
+        except OSError as e:
+            raise _error("stat", path, e) from None
+
+    def lock(self, name: str, *, shared: bool = False, blocking: bool = True, owner: str = "") -> FileLock:
+        check_path(name)
+        self._check_usable()
+        try:
+            path = os.path.join(self._dir("locks", create=True), f"{name}.lock")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+        except BackendError:
+            raise
+        except OSError as e:
+            raise _error("open lock", name, e) from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise StoreLockedError(
+                f"{self.root} is locked ({name}) by {holder or 'another process'}; only one writer at a "
+                "time. Stop the other one, or use another directory."
+            ) from None
+        except OSError as e:
+            os.close(fd)
+            raise _error("lock", name, e) from None
+        stale = None
+        if not shared:
+            previous = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            stale = previous or None  # we hold it exclusively, so whoever wrote this is gone
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, owner.encode("utf-8"), 0)
+        return FileLock(fd, stale, exclusive=not shared)
 
     def delete(self, path: str) -> None:
         try:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
+from cairn.backends._locks import ProcessLock, RWLock
 from cairn.backends.base import BackendProperties, Buffer, check_path
 
 __all__ = ["MemoryBackend"]
@@ -17,6 +19,8 @@ class MemoryBackend:
         self._name = name
         self.files: dict[str, bytes] = {} if files is None else files
         self._lock = threading.Lock()
+        self.mtimes: dict[str, float] = {}
+        """When each file was created or last reused (tests may set these to age files)."""
 
     @property
     def url(self) -> str:
@@ -30,6 +34,7 @@ class MemoryBackend:
         check_path(path)
         payload = bytes(data)
         with self._lock:
+            self.mtimes[path] = time.time()
             if path in self.files:
                 return False
             self.files[path] = payload
@@ -70,3 +75,21 @@ class MemoryBackend:
         check_path(path)
         with self._lock:
             self.files.pop(path, None)
+            self.mtimes.pop(path, None)
+
+    def modified(self, path: str) -> float | None:
+        check_path(path)
+        if path not in self.files:
+            return None
+        return self.mtimes.get(path, 0.0)
+
+    def lock(self, name: str, *, shared: bool = False, blocking: bool = True, owner: str = "") -> ProcessLock:
+        check_path(name)
+        with _REGISTRY_LOCK:
+            rw = _LOCKS.setdefault((id(self.files), name), RWLock())
+        rw.acquire(shared, blocking, owner, f"{self.url} (lock {name})")
+        return ProcessLock(rw, shared)
+
+
+_REGISTRY_LOCK = threading.Lock()
+_LOCKS: dict[tuple[int, str], RWLock] = {}
