@@ -201,3 +201,14 @@ def test_local_reused_names_are_made_durable(tmp_path: Path) -> None:
     b = LocalBackend(tmp_path)
     assert not b.create("blobs/ab/x", b"data")
     assert {str(tmp_path / "blobs" / "ab"), str(tmp_path / "blobs"), str(tmp_path)} <= b._dirty
+
+
+def test_local_flush_syncs_only_what_is_not_yet_durable(tmp_path: Path) -> None:
+    b = LocalBackend(tmp_path)
+    b.create("blobs/ab/x", b"data")
+    b.flush()
+    assert not b.create("blobs/ab/x", b"data") and b._dirty == set()  # made durable by our own flush
+    b.create("blobs/ab/y", b"more")
+    assert b._dirty == {str(tmp_path / "blobs" / "ab")}  # its parents are known durable
+    b.create("blobs/cd/z", b"new dir")
+    assert str(tmp_path / "blobs") in b._dirty  # a new directory's entry must be synced too

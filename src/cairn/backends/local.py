@@ -67,6 +67,9 @@ class LocalBackend:
         # the root itself may be a symlink (scratch directories on clusters often are); nothing inside may
         self.root = os.path.realpath(os.fspath(root))
         self._dirty: set[str] = set()
+        self._pending: set[str] = set()  # names waiting for the next flush to become durable
+        self._durable: set[str] = set()  # names made durable by a flush of this handle: nothing to redo
+        self._anchored: set[str] = set()  # directories whose whole chain of entries up to the root is durable
         self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
         self._failed: str | None = None
@@ -123,13 +126,16 @@ class LocalBackend:
             with self._lock:
                 self._dirty.add(os.path.dirname(d))
 
-    def _mark_chain(self, directory: str) -> None:
-        """Mark ``directory`` and its parents up to the root for fsync: names others created (a racing
-        writer, a crashed process) are made durable before our commit relies on them."""
+    def _mark_chain(self, directory: str, name: str | None = None) -> None:
+        """Mark ``directory`` for fsync, and its parents up to one known durable: names others created
+        (a racing writer, a crashed process) are made durable before our commit relies on them."""
         with self._lock:
-            while len(directory) >= len(self.root):
-                self._dirty.add(directory)
+            if name is not None:
+                self._pending.add(name)
+            self._dirty.add(directory)
+            while directory not in self._anchored and len(directory) > len(self.root):
                 directory = os.path.dirname(directory)
+                self._dirty.add(directory)
 
     def _check_usable(self) -> None:
         if self._failed is not None:
@@ -156,7 +162,8 @@ class LocalBackend:
         if os.path.lexists(final):
             with contextlib.suppress(OSError):  # refresh its age for the garbage collector (git's trick)
                 os.utime(final, follow_symlinks=False)
-            self._mark_chain(os.path.dirname(final))
+            if final not in self._durable:
+                self._mark_chain(os.path.dirname(final), final)
             return False
         try:
             tmp_dir = self._dir("tmp", create=True)
@@ -190,13 +197,14 @@ class LocalBackend:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        self._mark_chain(os.path.dirname(final))  # also when a racing writer linked it first
+        self._mark_chain(os.path.dirname(final), final)  # also when a racing writer linked it first
         return created
 
     def flush(self) -> None:
         self._check_usable()
         with self._lock:
             dirs, self._dirty = sorted(self._dirty, key=len, reverse=True), set()
+            names, self._pending = self._pending, set()
         for i, d in enumerate(dirs):  # deepest first, so a new directory's entry is synced after its contents
             try:
                 fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -207,8 +215,12 @@ class LocalBackend:
             except OSError as e:
                 with self._lock:
                     self._dirty.update(dirs[i:])
+                    self._pending |= names
                     self._failed = f"fsync {d}: {e.strerror or e}"  # final: never retried to a false success
                 raise _error("fsync directory", d, e) from None
+        with self._lock:  # every flushed directory's chain up to the root was in this flush, or anchored
+            self._anchored.update(dirs)
+            self._durable |= names
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -340,5 +352,7 @@ class LocalBackend:
             return
         except OSError as e:
             raise _error("delete", path, e) from None
+        full = os.path.join(self.root, path)
         with self._lock:
-            self._dirty.add(os.path.dirname(os.path.join(self.root, path)))
+            self._durable.discard(full)
+        self._mark_chain(os.path.dirname(full))
