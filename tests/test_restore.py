@@ -168,3 +168,16 @@ def test_restore_a_named_checkpoint(tmp_path: Path) -> None:
     live = {"epoch": -1}
     assert cairn.restore(tmp_path / "s", live, "step-1").step == 1
     assert live["epoch"] == 1
+
+
+def test_restoring_some_of_the_saved_objects_is_not_an_error(tmp_path: Path) -> None:
+    model, opt, _ = _trained(0)
+    cairn.save(tmp_path / "s", {"model": model, "optim": opt, "epoch": 3, "note": "warmup"}, step=300)
+    fresh = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    report = cairn.restore(tmp_path / "s", {"model": fresh})  # strict: only what was passed must fit
+    assert report.ok and report.unexpected == []
+    assert report.unused[:1] == ["optim.state.0.step"] and report.unused[-2:] == ["epoch", "note"]
+    _assert_same_state(model.state_dict(), fresh.state_dict())
+    bigger = {"model": nn.Sequential(nn.Linear(4, 8))}  # inside what was passed, extra keys do count
+    with pytest.raises(cairn.RestoreError, match=r"unexpected in the checkpoint .*model\.1\.weight"):
+        cairn.restore(tmp_path / "s", bigger)

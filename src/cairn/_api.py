@@ -78,6 +78,8 @@ def restore(
     Modules are loaded key by key, other stateful objects through ``load_state_dict``, tensors and
     arrays in place, plain values assigned into their dict or list. ``strict=True`` raises
     :class:`~cairn.RestoreError` listing every missing, unexpected and mismatched key, changing nothing.
+    Only what you pass must fit: restoring ``{"model": m}`` from a checkpoint that also holds an
+    optimizer and an epoch is fine (those are listed in ``report.unused``).
     For fine-tuning, ``strict=False`` loads what fits, ``rename={"backbone.": "encoder."}`` (or a
     function) maps saved key prefixes to live ones, and ``include``/``exclude`` globs pick keys.
     """

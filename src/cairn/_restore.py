@@ -46,7 +46,10 @@ class RestoreReport:
     missing: list[str] = field(default_factory=list)
     """Live keys the checkpoint has no value for (left as they were)."""
     unexpected: list[str] = field(default_factory=list)
-    """Saved keys nothing live corresponds to (ignored)."""
+    """Saved keys inside an object or container you passed that nothing live corresponds to (ignored)."""
+    unused: list[str] = field(default_factory=list)
+    """Saved keys outside everything you passed (say ``"epoch"`` when you restore only the model): not
+    restored, and never an error."""
     mismatched: list[Mismatch] = field(default_factory=list)
     """Keys whose saved shape or type does not fit (left as they were)."""
     skipped: list[str] = field(default_factory=list)
@@ -106,8 +109,14 @@ def _is_module(value: Any) -> bool:
     return torch is not None and isinstance(value, torch.nn.Module)
 
 
-def _targets(value: Any, path: tuple[Any, ...], owner: Any, key: Any, out: list[_Target]) -> None:
+def _targets(
+    value: Any, path: tuple[Any, ...], owner: Any, key: Any, out: list[_Target], scopes: set[str]
+) -> None:
+    """Collect what can be restored into ``value``; ``scopes`` gets the dotted paths of the live objects
+    and containers passed (saved keys under them that match nothing are "unexpected")."""
     name = format_path(path)
+    if path:
+        scopes.add(name)
     if _is_module(value):
         prefix = f"{name}." if name else ""
         for k, v in value.state_dict(keep_vars=True).items():
@@ -117,7 +126,7 @@ def _targets(value: Any, path: tuple[Any, ...], owner: Any, key: Any, out: list[
     elif isinstance(value, Mapping | list | tuple) and (not path or _has_state(value)):
         items = value.items() if isinstance(value, Mapping) else enumerate(value)
         for k, v in items:
-            _targets(v, (*path, k), value, k, out)
+            _targets(v, (*path, k), value, k, out, scopes)
     elif is_array(value) and not isinstance(value, np.generic):
         out.append(_Target(name, "inplace", owner, key, value))
     else:
@@ -182,7 +191,9 @@ def restore_into(
     """Load the plain tree ``saved`` into the live objects of ``live``; see the module docstring."""
     report = report if report is not None else RestoreReport()
     targets: list[_Target] = []
-    _targets(live, (), None, None, targets)
+    scopes: set[str] = set()
+    _targets(live, (), None, None, targets, scopes)
+    everything = not isinstance(live, Mapping | list | tuple)  # a bare module or object: all is in scope
     raw_nodes: dict[str, Any] = {}
     raw_leaves: list[str] = []
     _index(saved, (), raw_nodes, raw_leaves)
@@ -215,8 +226,12 @@ def restore_into(
     for leaf in leaves:
         if not leaf or not wanted(leaf) or leaf in exact:
             continue
-        if not any(leaf.startswith(w + ".") if w else True for w in whole):
+        if any(leaf.startswith(w + ".") if w else True for w in whole):
+            continue
+        if everything or any(leaf == s or leaf.startswith(s + ".") for s in scopes):
             report.unexpected.append(leaf)
+        else:
+            report.unused.append(leaf)
     if strict and not report.ok:
         raise RestoreError(
             f"checkpoint {report.checkpoint!r} does not fit the live objects (strict=True):\n"
