@@ -83,7 +83,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if args.report:
                     print(f"step {step}", flush=True)
                 metrics = None
-                if args.save_every and (step % args.save_every == 0 or step == total):
+                if args.save_every and (step % args.save_every == 0 or step == total or mgr.preempted):
                     metrics = evaluate(model, x_val, y_val)
                     if args.log:
                         with open(args.log, "a") as f:

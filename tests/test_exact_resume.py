@@ -27,9 +27,9 @@ _INSTRUMENTED = """
 import runpy, sys
 import cairn.backends.local as local
 original = local.LocalBackend.create
-def create(self, path, data):
+def create(self, path, data, **kw):
     print("create", path, flush=True)
-    return original(self, path, data)
+    return original(self, path, data, **kw)
 local.LocalBackend.create = create
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -205,11 +205,11 @@ def test_gc_never_races_an_in_flight_save() -> None:
     started, release = threading.Event(), threading.Event()
 
     class SlowBackend(MemoryBackend):
-        def create(self, path: str, data: Any) -> bool:
+        def create(self, path: str, data: Any, *, replace: bool = False) -> bool:
             if path.startswith("blobs/") and not started.is_set():
                 started.set()
                 release.wait(10)
-            return super().create(path, data)
+            return super().create(path, data, replace=replace)
 
     backend = SlowBackend()
     cairn.Store(backend, create=True)
@@ -240,3 +240,24 @@ def test_gc_spares_young_blobs_and_refuses_damaged_stores(tmp_path: Path) -> Non
     (tmp_path / "checkpoints" / "step-2.json").write_text("{}")
     with pytest.raises(cairn.ManifestError, match="gc stopped without deleting anything"):
         store.gc(grace=0)
+
+
+def test_an_initial_save_and_exception_checkpoints_are_not_resumed_from(tmp_path: Path) -> None:
+    state = _state()
+    with (
+        pytest.raises(KeyError),
+        cairn.CheckpointManager(tmp_path, save_every=cairn.Every(steps=5), save_on_exception=True) as mgr,
+    ):
+        assert mgr.restore(state) == 0
+        assert mgr.save(0, state, force=True)  # an initial checkpoint (Orbax's InitialSavePolicy)
+        for step in range(1, 8):
+            mgr.save(step, state)
+        raise KeyError("boom")
+    assert [i.name for i in cairn.Store(tmp_path).list()] == ["step-0", "step-5", "exception-7"]
+    with cairn.CheckpointManager(tmp_path) as mgr:
+        assert mgr.restore(_state()) == 5  # the mid-step exception checkpoint is passed over
+        assert mgr.restore(_state(), "exception-7") == 7
+    with pytest.raises(SystemExit), cairn.CheckpointManager(tmp_path / "exit", save_on_exception=True) as mgr:
+        mgr.save(1, state, force=True)
+        raise SystemExit(0)
+    assert [i.name for i in cairn.Store(tmp_path / "exit").list()] == ["step-1"]

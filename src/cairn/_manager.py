@@ -81,8 +81,10 @@ class CheckpointManager:
       them...). None keeps all. The newest checkpoint and pinned ones are always kept.
     - ``preemption_signals``: on any of these, :attr:`preempted` becomes True and the next :meth:`save`
       saves whatever the schedule says (never from inside the signal handler). ``()`` installs nothing.
-    - ``save_on_exception``: an exception escaping the ``with`` block first saves the last state given
-      to :meth:`save`, as ``exception-<step>``.
+    - ``save_on_exception``: an exception (Ctrl-C included, ``sys.exit`` not) escaping the ``with``
+      block first saves the last state given to :meth:`save`, as ``exception-<step>``. It may hold
+      objects as they were in the middle of a step, so ``restore()`` of the latest passes it over;
+      restore it by name.
 
     One manager writes a directory at a time: a second one gets :class:`~cairn.StoreLockedError`. A
     lock left by a killed process is released by the kernel and taken over (and logged).
@@ -130,7 +132,12 @@ class CheckpointManager:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         try:
-            if exc is not None and self.save_on_exception and self._last_state is not None:
+            if (
+                exc is not None
+                and not isinstance(exc, SystemExit)
+                and self.save_on_exception
+                and self._last_state is not None
+            ):
                 self._save_on_exception(exc)
         finally:
             self.close()
@@ -235,8 +242,8 @@ class CheckpointManager:
             candidates = [best]
         elif name == "latest":
             candidates = sorted(self.list(), key=lambda i: (i.step, i.time, i.name), reverse=True)
+            candidates = [c for c in candidates if _reason_of(c) != "exception"] or candidates
             if not candidates:
-                self._last_step = self._last_step or 0
                 return 0
         else:
             candidates = [self.store.info(name)]
@@ -362,6 +369,12 @@ class CheckpointManager:
     def gc(self, **kwargs: Any) -> Any:
         """Delete blobs no checkpoint references (see :meth:`Store.gc`)."""
         return self.store.gc(**kwargs)
+
+
+def _reason_of(info: CheckpointInfo) -> str | None:
+    facts = info.metadata.get(MANAGER_KEY)
+    reason = facts.get("reason") if isinstance(facts, dict) else None
+    return reason if isinstance(reason, str) else None
 
 
 def _epoch_of(info: CheckpointInfo) -> int | None:

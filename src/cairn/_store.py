@@ -251,11 +251,13 @@ class Store:
         name: str | None = None,
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
     ) -> CheckpointInfo:
         """Save ``state`` as a new checkpoint; returns once it is durably committed.
 
         ``step`` defaults to one past the latest checkpoint's (0 in an empty store); ``name`` defaults to
-        ``step-<step>``. Only chunks the store does not hold yet are written.
+        ``step-<step>``. Only chunks the store does not hold yet are written. A committed name is never
+        overwritten unless ``overwrite=True``, which replaces it atomically (Keras-style "best" files).
         """
         started = _time.perf_counter()
         if step is None:
@@ -264,7 +266,9 @@ class Store:
         if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**63:
             raise ValueError(f"step must be a non-negative integer, not {step!r}")
         name = check_name(f"step-{step}" if name is None else name)
-        if self.backend.size(f"checkpoints/{name}.json") is not None:
+        if overwrite and name in self.pins():
+            raise PinnedError(f"checkpoint {name!r} of {self.url} is pinned; unpin it before overwriting it")
+        if not overwrite and self.backend.size(f"checkpoints/{name}.json") is not None:
             raise CheckpointExistsError(
                 f"checkpoint {name!r} already exists in {self.url}; checkpoints are never overwritten: "
                 "pass another name or step (or delete it first)"
@@ -276,7 +280,7 @@ class Store:
         meta = check_json_value(dict(metadata or {}), "metadata")
         tree, arrays = encode_tree(state)
         with self.backend.lock("gc", shared=True):  # garbage collection waits for this save, and it for gc
-            return self._commit(name, step, tree, arrays, stored_metrics, meta, started)
+            return self._commit(name, step, tree, arrays, stored_metrics, meta, started, overwrite)
 
     def _commit(
         self,
@@ -287,6 +291,7 @@ class Store:
         metrics: dict[str, float | int | str],
         metadata: dict[str, Any],
         started: float,
+        overwrite: bool = False,
     ) -> CheckpointInfo:
         """Write the blobs the store lacks, then the manifest: the commit."""
         entries, written, nblobs = self._write_tensors(arrays)
@@ -306,9 +311,11 @@ class Store:
                 f"the manifest would be {len(data)} bytes, over the reader limit of {LIMITS.manifest_bytes}: "
                 "keep large values in tensors, not in plain Python values"
             )
-        if not self.backend.create(f"checkpoints/{name}.json", data):
+        if not self.backend.create(f"checkpoints/{name}.json", data, replace=overwrite):
             raise CheckpointExistsError(f"checkpoint {name!r} was committed by another writer meanwhile")
         self.backend.flush()  # the commit is durable
+        with self._lock:
+            self._manifests.pop(name, None)
         return CheckpointInfo.from_manifest(
             manifest, bytes_written=written, blobs_written=nblobs, seconds=_time.perf_counter() - started
         )

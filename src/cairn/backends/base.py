@@ -82,8 +82,11 @@ class Backend(Protocol):
         """What this backend can do."""
         ...
 
-    def create(self, path: str, data: Buffer) -> bool:
-        """Atomically create ``path`` holding ``data``; False (and nothing written) if it already exists."""
+    def create(self, path: str, data: Buffer, *, replace: bool = False) -> bool:
+        """Atomically create ``path`` holding ``data``; False (and nothing written) if it already exists.
+
+        With ``replace=True`` an existing file is replaced atomically instead (readers see the old or
+        the new bytes, never a mix) and the result is True: only for manifests saved with overwrite."""
         ...
 
     def flush(self) -> None:

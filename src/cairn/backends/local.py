@@ -151,7 +151,7 @@ class LocalBackend:
 
     # -- writing --------------------------------------------------------------------------------------
 
-    def create(self, path: str, data: Buffer) -> bool:
+    def create(self, path: str, data: Buffer, *, replace: bool = False) -> bool:
         self._check_usable()
         try:
             final = self._file(path, create_parent=True)
@@ -159,7 +159,7 @@ class LocalBackend:
             raise
         except OSError as e:
             raise _error("create directory for", path, e) from None
-        if os.path.lexists(final):
+        if os.path.lexists(final) and not replace:
             with contextlib.suppress(OSError):  # refresh its age for the garbage collector (git's trick)
                 os.utime(final, follow_symlinks=False)
             if final not in self._durable:
@@ -188,7 +188,10 @@ class LocalBackend:
             finally:
                 os.close(fd)
             try:
-                os.link(tmp, final)
+                if replace:
+                    os.replace(tmp, final)  # atomic: readers see the old file or the new one
+                else:
+                    os.link(tmp, final)  # atomic and never replaces: the commit of a new name
                 created = True
             except FileExistsError:
                 created = False

@@ -30,12 +30,12 @@ class MemoryBackend:
     def properties(self) -> BackendProperties:
         return BackendProperties(atomic_create=True, durable=False, mmap=False)
 
-    def create(self, path: str, data: Buffer) -> bool:
+    def create(self, path: str, data: Buffer, *, replace: bool = False) -> bool:
         check_path(path)
         payload = bytes(data)
         with self._lock:
             self.mtimes[path] = time.time()
-            if path in self.files:
+            if path in self.files and not replace:
                 return False
             self.files[path] = payload
             return True
