@@ -275,3 +275,15 @@ def test_racing_creators_share_one_store(tmp_path: Path) -> None:
         infos = pool.starmap(_save_rank, [(str(tmp_path / "s"), i) for i in range(4)])
     assert sorted(i.step for i in infos) == [0, 1, 2, 3]
     assert [i.step for i in cairn.Store(tmp_path / "s").list()] == [0, 1, 2, 3]
+
+
+def test_overwrite_replaces_a_checkpoint_atomically(tmp_path: Path) -> None:
+    store = cairn.Store(tmp_path / "s", create=True)
+    store.save({"w": torch.zeros(3)}, step=1, name="best", metrics={"val_loss": 0.5})
+    assert store.info("best").metrics == {"val_loss": 0.5}  # cached, then replaced below
+    store.save({"w": torch.ones(3)}, step=4, name="best", metrics={"val_loss": 0.2}, overwrite=True)
+    assert store.info("best").step == 4 and torch.equal(store.load("best")["w"], torch.ones(3))
+    assert store.names() == ["best"] and store.verify().ok
+    store.pin("best")
+    with pytest.raises(cairn.PinnedError):
+        store.save({"w": torch.ones(3)}, step=5, name="best", overwrite=True)
