@@ -279,11 +279,11 @@ def test_racing_creators_share_one_store(tmp_path: Path) -> None:
 
 def test_overwrite_replaces_a_checkpoint_atomically(tmp_path: Path) -> None:
     store = cairn.Store(tmp_path / "s", create=True)
-    store.save({"w": torch.zeros(3)}, step=1, name="best", metrics={"val_loss": 0.5})
-    assert store.info("best").metrics == {"val_loss": 0.5}  # cached, then replaced below
-    store.save({"w": torch.ones(3)}, step=4, name="best", metrics={"val_loss": 0.2}, overwrite=True)
-    assert store.info("best").step == 4 and torch.equal(store.load("best")["w"], torch.ones(3))
-    assert store.names() == ["best"] and store.verify().ok
-    store.pin("best")
+    store.save({"w": torch.zeros(3)}, step=1, name="best-model", metrics={"val_loss": 0.5})
+    assert store.info("best-model").metrics == {"val_loss": 0.5}  # cached, then replaced below
+    store.save({"w": torch.ones(3)}, step=4, name="best-model", metrics={"val_loss": 0.2}, overwrite=True)
+    assert store.info("best-model").step == 4 and torch.equal(store.load("best-model")["w"], torch.ones(3))
+    assert store.names() == ["best-model"] and store.verify().ok
+    store.pin("best-model")
     with pytest.raises(cairn.PinnedError):
-        store.save({"w": torch.ones(3)}, step=5, name="best", overwrite=True)
+        store.save({"w": torch.ones(3)}, step=5, name="best-model", overwrite=True)
