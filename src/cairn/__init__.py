@@ -53,19 +53,28 @@ from cairn.policies import (
 )
 
 if TYPE_CHECKING:
+    from cairn._fit import evaluate, fit, predict
     from cairn._resume import ResumableDataLoader, ResumableSampler, RNGState, resumable_loader
 
 __version__ = "0.1.0"
 
-_LAZY = {"RNGState", "ResumableDataLoader", "ResumableSampler", "resumable_loader"}
+_LAZY = {
+    "RNGState": "cairn._resume",
+    "ResumableDataLoader": "cairn._resume",
+    "ResumableSampler": "cairn._resume",
+    "resumable_loader": "cairn._resume",
+    "fit": "cairn._fit",
+    "evaluate": "cairn._fit",
+    "predict": "cairn._fit",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """The exact-resume helpers import torch, so they load on first use (``cairn ls`` never needs torch)."""
+    """Names that import torch load on first use, so ``import cairn`` (and ``cairn ls``) never needs it."""
     if name in _LAZY:
-        from cairn import _resume
+        import importlib
 
-        return getattr(_resume, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cairn' has no attribute {name!r}")
 
 
@@ -109,7 +118,10 @@ __all__ = [
     "UnsupportedVersionError",
     "VerifyReport",
     "__version__",
+    "evaluate",
+    "fit",
     "load",
+    "predict",
     "restore",
     "resumable_loader",
     "save",

@@ -4,20 +4,23 @@ refused with the reason)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import mmap
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
-from cairn._codec import allocate
+from cairn._codec import allocate, encode_array
 from cairn._dtypes import by_name
 from cairn._info import CheckpointInfo
 from cairn._manifest import LIMITS, strict_json_loads
 from cairn._store import Store
 from cairn.errors import ManifestError, SerializationError
 
-__all__ = ["import_file", "read_safetensors", "read_torch_weights"]
+__all__ = ["import_file", "read_safetensors", "read_torch_weights", "write_safetensors"]
 
 SAFETENSORS_HEADER_LIMIT = 100_000_000
 """safetensors' own cap on the JSON header."""
@@ -126,3 +129,46 @@ def import_file(
     else:
         raise SerializationError(f"{path}: not a .safetensors or torch.save file; nothing to import")
     return store.save(state, step=step, name=name, metadata=metadata)
+
+
+def write_safetensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str]
+) -> int:
+    """Write ``tensors`` (torch, any device) as a ``.safetensors`` file, atomically and durably: a temp
+    file in the same directory, fsync, rename over ``path``, fsync of the directory. Returns its size."""
+    encoded = {name: encode_array(t, name) for name, t in tensors.items()}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, arr in encoded.items():
+        header[name] = {
+            "dtype": arr.dtype.name,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+    final = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(final))
+    tmp = os.path.join(directory, f".{os.path.basename(final)}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for arr in encoded.values():
+                f.write(arr.data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, final)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return 8 + len(head) + offset
