@@ -58,23 +58,20 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "RNGState": "cairn._resume",
-    "ResumableDataLoader": "cairn._resume",
-    "ResumableSampler": "cairn._resume",
-    "resumable_loader": "cairn._resume",
-    "fit": "cairn._fit",
-    "evaluate": "cairn._fit",
-    "predict": "cairn._fit",
-}
+_RESUME = {"RNGState", "ResumableDataLoader", "ResumableSampler", "resumable_loader"}
+_FIT = {"fit", "evaluate", "predict"}
 
 
 def __getattr__(name: str) -> Any:
     """Names that import torch load on first use, so ``import cairn`` (and ``cairn ls``) never needs it."""
-    if name in _LAZY:
-        import importlib
+    if name in _RESUME:
+        from cairn import _resume
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(_resume, name)
+    if name in _FIT:
+        from cairn import _fit
+
+        return getattr(_fit, name)
     raise AttributeError(f"module 'cairn' has no attribute {name!r}")
 
 

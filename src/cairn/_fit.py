@@ -14,6 +14,8 @@ tensor, a tuple of tensors (``model(*x)``) or a dict (``model(**x)``).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -84,6 +86,11 @@ def _callbacks(
 ) -> CallbackList:
     if isinstance(callbacks, CallbackList):
         cbs = callbacks
+        if cbs.history is None:  # fit returns a History: reuse the list's own, or add one
+            found = [cb for cb in cbs if isinstance(cb, History)]
+            cbs.history = found[0] if found else History()
+            if not found:
+                cbs.append(cbs.history)
         cbs.set_model(model)
         cbs.set_params({"verbose": verbose, **params})
     else:
@@ -136,6 +143,37 @@ def fit(
         tracker=tracker,
     )
     model.stop_training = False  # type: ignore[assignment]
+    with _closed_on_error(cbs):
+        return _train(model, train_data, epochs, optimizer, loss, validation_data, cbs, tracker,
+                      (initial_epoch, steps_per_epoch, device))  # fmt: skip
+
+
+@contextlib.contextmanager
+def _closed_on_error(cbs: CallbackList) -> Iterator[None]:
+    """An error in training leaves no lock behind: ``close()`` callbacks that have it (BackupAndRestore
+    releases its store and keeps the backup for the retry)."""
+    try:
+        yield
+    except BaseException:
+        for cb in cbs:
+            close = getattr(cb, "close", None)
+            if callable(close):
+                close()
+        raise
+
+
+def _train(
+    model: torch.nn.Module,
+    train_data: Iterable[Any],
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    loss: Loss,
+    validation_data: Iterable[Any] | None,
+    cbs: CallbackList,
+    tracker: Tracker,
+    options: tuple[int, int | None, torch.device | str | None],
+) -> History:
+    initial_epoch, steps_per_epoch, device = options
     cbs.on_train_begin()
     epoch, skip = cbs.resume_point() or (initial_epoch, 0)
     epoch_logs: dict[str, Any] = {}
@@ -158,15 +196,15 @@ def fit(
                 break
         skip = 0
         epoch_logs = tracker.result()
-        if validation_data is not None and not model.stop_training:
+        if validation_data is not None:  # also after a mid-epoch stop, as Keras does
             val = _run_evaluation(model, validation_data, loss, tracker.metrics, cbs, device)
             epoch_logs.update({f"val_{k}": v for k, v in val.items()})
         epoch_logs["learning_rate"] = float(optimizer.param_groups[0]["lr"])
         cbs.on_epoch_end(epoch, epoch_logs)
         epoch += 1
     cbs.on_train_end(epoch_logs)
-    history = cbs.history if cbs.history is not None else next(cb for cb in cbs if isinstance(cb, History))
-    return history
+    assert cbs.history is not None
+    return cbs.history
 
 
 def _batches(data: Iterable[Any], steps: int | None, skip: int) -> Iterator[tuple[int, tuple[Any, Any]]]:
@@ -188,9 +226,8 @@ def _batches(data: Iterable[Any], steps: int | None, skip: int) -> Iterator[tupl
         for _ in range(skip):
             if next(it, None) is None:
                 return
-    for batch, item in enumerate(it, start=skip):
-        if steps is not None and batch >= steps:
-            return
+    limit = None if steps is None else max(0, steps - skip)  # never pulls a batch it will not use
+    for batch, item in enumerate(itertools.islice(it, limit), start=skip):
         yield batch, _split(item)
 
 
@@ -256,9 +293,7 @@ def predict(
     outputs: list[torch.Tensor] = []
     cbs.on_predict_begin()
     with torch.no_grad():
-        for batch, item in enumerate(data):
-            if steps is not None and batch >= steps:
-                break
+        for batch, item in enumerate(itertools.islice(data, steps)):
             x = item[0] if isinstance(item, tuple | list) and len(item) == 2 else item
             cbs.on_predict_batch_begin(batch)
             out = _forward(model, _to(x, device))

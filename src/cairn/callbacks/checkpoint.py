@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from cairn._manager import CheckpointManager
+from cairn._manifest import RESERVED_NAMES
 from cairn._store import MARKER, Store
 from cairn.callbacks.base import Callback, Logs
 from cairn.callbacks.monitor import MonitorCallback
@@ -56,9 +57,10 @@ class ModelCheckpoint(MonitorCallback):
     - ending in ``.safetensors``: the model's weights as a safetensors file (``save_weights_only=True``
       required), replaced atomically;
     - otherwise ``STORE/NAME``: a checkpoint ``NAME`` in the cairn store ``STORE`` (created if new):
-      characters a checkpoint name cannot hold become ``-``. A name without placeholders (``"ckpts/best"``)
-      is overwritten atomically at each save, as Keras overwrites its file. The store deduplicates: ten
-      checkpoints of a model whose backbone is frozen hold the backbone once.
+      characters a checkpoint name cannot hold become ``-``. A name without placeholders
+      (``"ckpts/best-model"``) is overwritten atomically at each save, as Keras overwrites its file
+      (``best`` and ``latest`` are reserved names). The store deduplicates: ten checkpoints of a model
+      whose backbone is frozen hold the backbone once.
 
     ``save_weights_only=False`` saves the model, the optimizer and the RNG state (restore them with
     ``cairn.restore(store, {"model": m, "optimizer": opt, "rng": cairn.RNGState()}, name)``).
@@ -105,6 +107,12 @@ class ModelCheckpoint(MonitorCallback):
             raise ValueError(
                 f"{self.filepath}: a .safetensors file holds weights only: pass save_weights_only=True, "
                 "or give a cairn store path (STORE/NAME) to save the optimizer and RNG too"
+            )
+        last = self.filepath.rpartition("/")[2]
+        if not self.to_safetensors and last in RESERVED_NAMES:
+            raise ValueError(
+                f"ModelCheckpoint({self.filepath!r}): {last!r} is a reserved checkpoint name "
+                f"(cairn.load(store, '{last}') means something already); use e.g. '{self.filepath}-model'"
             )
         self.best = initial_value_threshold
         self._batches_seen = 0
@@ -278,10 +286,14 @@ class BackupAndRestore(Callback):
         state["progress"] = {"epoch": epoch, "batch": batch, "global": self._global}
         self._manager.save(self._global, state, force=True)
 
-    def on_train_end(self, logs: Logs | None = None) -> None:
+    def close(self) -> None:
+        """Release the backup store (``fit`` calls this when training fails; the backup stays)."""
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+
+    def on_train_end(self, logs: Logs | None = None) -> None:
+        self.close()
         self._resume = None
         if self.delete_checkpoint and os.path.isfile(os.path.join(self.backup_dir, MARKER)):
             shutil.rmtree(self.backup_dir)

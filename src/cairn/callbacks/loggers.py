@@ -16,6 +16,7 @@ import json
 import math
 import os
 import socket
+import stat
 import tempfile
 import urllib.error
 import urllib.parse
@@ -173,6 +174,7 @@ class CSVLogger(Callback):
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f, delimiter=self.sep, lineterminator="\n").writerows(rows)
+            os.chmod(tmp, stat.S_IMODE(os.stat(self.filename).st_mode))  # mkstemp made it 0600
             os.replace(tmp, self.filename)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -8,7 +8,10 @@
   CI), one plain line per epoch, plus a progress line every 30 seconds of a long epoch;
 * ``2``: one plain line per epoch.
 
-A finished epoch reads ``Epoch 3/10 - 32/32 - 2s - 61ms/step - loss: 0.4215 - val_loss: 0.4710``.
+A finished epoch reads ``Epoch 3/10 ━━━━━━━━━━ 32/32 2s 61ms/step - loss: 0.4215 - val_loss: 0.4710`` on
+a terminal and ``Epoch 3/10 - 32/32 - 2s - 61ms/step - loss: 0.4215 - val_loss: 0.4710`` elsewhere.
+Whether the output is a terminal is rich's decision: ``TTY_INTERACTIVE=0`` forces plain lines and
+``TTY_INTERACTIVE=1`` the live bar (``FORCE_COLOR`` also makes rich treat the output as a terminal).
 """
 
 from __future__ import annotations

@@ -422,7 +422,7 @@ class TensorBoard(Callback):
         tensors += [(n, b) for n, b in model.named_buffers() if b.is_floating_point()]
         out = []
         for name, tensor in tensors:
-            if tensor.numel() == 0:
+            if tensor.numel() == 0 or tensor.is_complex() or tensor.is_meta:
                 continue
             data = tensor.detach().float().cpu().numpy()
             value = _histogram_value(f"{name}/histogram", data)
