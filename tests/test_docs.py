@@ -33,7 +33,7 @@ import pytest
 import cairn
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ("README.md", "docs/manager.md", "docs/cli.md")
+DOCS = ("README.md", "docs/manager.md", "docs/cli.md", "docs/callbacks.md")
 GUIDE = "docs/manager.md"
 SRC = Path(cairn.__file__).resolve().parents[1]  # the cairn these tests import; the blocks import the same
 PYTHON = {"python", "py", "python3"}

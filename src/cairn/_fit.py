@@ -4,7 +4,7 @@
 
     history = cairn.fit(model, train_loader, epochs=20, optimizer=opt, loss=torch.nn.CrossEntropyLoss(),
                         metrics=["accuracy"], validation_data=val_loader,
-                        callbacks=[ModelCheckpoint("ckpts", monitor="val_loss", save_best_only=True),
+                        callbacks=[ModelCheckpoint("ckpts/best-model", save_best_only=True),
                                    EarlyStopping(patience=3), BackupAndRestore("backup")])
     history.history["val_accuracy"]
 

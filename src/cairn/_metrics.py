@@ -18,7 +18,7 @@ def _accuracy(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     (predictions thresholded at 0.5)."""
     if y_pred.ndim == y_true.ndim + 1:  # scores [N, C] and class indices [N]
         return (y_pred.argmax(-1) == y_true).float().mean()
-    if y_pred.shape == y_true.shape and y_pred.ndim >= 1 and y_pred.shape[-1] > 1:  # one-hot targets
+    if y_pred.shape == y_true.shape and y_pred.ndim >= 2 and y_pred.shape[-1] > 1:  # one-hot targets
         return (y_pred.argmax(-1) == y_true.argmax(-1)).float().mean()
     return ((y_pred > 0.5).float() == y_true.reshape(y_pred.shape).float()).float().mean()
 

@@ -236,10 +236,17 @@ class BackupAndRestore(Callback):
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = _training_state(self, weights_only=False)
-        others = [cb for cb in self.params.get("callbacks", ()) if cb is not self]
-        state["callbacks"] = {
-            f"{i}-{type(cb).__name__}": cb for i, cb in enumerate(others) if cb.state_dict()
-        }
+        # callbacks that keep state, keyed by class and rank among their class: stable when stateless
+        # callbacks come and go between runs (a progress bar with another verbose, Keras's interrupter)
+        seen: dict[str, int] = {}
+        callbacks: dict[str, Callback] = {}
+        for cb in self.params.get("callbacks", ()):
+            if cb is self or type(cb).state_dict is Callback.state_dict:
+                continue
+            kind = type(cb).__name__
+            callbacks[f"{kind}-{seen.get(kind, 0)}"] = cb
+            seen[kind] = seen.get(kind, 0) + 1
+        state["callbacks"] = callbacks
         if self.params.get("tracker") is not None:  # fit's running means of the current epoch
             state["tracker"] = self.params["tracker"]
         data = self.params.get("train_data")
