@@ -108,7 +108,8 @@ def _matcher(keys: str | Iterable[str] | None) -> Callable[[str], bool] | None:
     patterns = [keys] if isinstance(keys, str) else list(keys)
 
     def match(path: str) -> bool:
-        return any(fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+        # a pattern matches itself literally too (keys may hold glob characters: "[0]"), and everything below
+        return any(path == p or fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
 
     return match
 
