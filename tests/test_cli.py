@@ -101,7 +101,7 @@ def test_ls_plain_table(store: Path) -> None:
     r = run("ls", str(store))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "STEP", "TIME", "METRICS", "SIZE", "TENSORS", "KEPT", "BY"]
+    assert lines[0].split() == ["NAME", "STEP", "TIME", "METRICS", "SIZE", "NEW", "TENSORS", "KEPT", "BY"]
     assert [line.split()[0] for line in lines[1:]] == ["step-100", "step-200"]
     info = cairn.Store(store).info("step-200")
     row = lines[2]
@@ -122,6 +122,9 @@ def test_ls_json(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = doc["checkpoints"]
     assert [r["name"] for r in rows] == ["step-100", "step-200"]
     info = cairn.Store(store).info("step-200")
+    older, newer = (cairn.Store(store).manifest(n) for n in ("step-100", "step-200"))
+    new_blobs = {c.blob: c.nbytes for t in newer.tensors for s in t.shards for c in s.chunks}
+    assert rows[0]["new_bytes"] == cairn.Store(store).info("step-100").nbytes  # all its blobs are new
     assert rows[1] == {
         "name": "step-200",
         "step": 200,
@@ -129,6 +132,7 @@ def test_ls_json(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
         "metrics": {"acc": 0.9, "val_loss": 0.21},
         "metadata": {"git": "abc123"},
         "nbytes": info.nbytes,
+        "new_bytes": sum(n for blob, n in new_blobs.items() if blob not in older.blobs()),
         "num_tensors": info.num_tensors,
         "num_blobs": info.num_blobs,
         "kept_by": ["newest", "keep all"],

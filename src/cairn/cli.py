@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any, NoReturn
 
-from cairn import __version__
+from cairn import __version__, _cli_inspect, _cli_plot, _cli_transfer
+from cairn._cli_inspect import TensorStats
 from cairn._cli_manage import add_manage_commands, kept_by
 from cairn._cli_render import (
     Column,
+    Entry,
     Output,
     UsageError,
     clean,
@@ -38,7 +40,7 @@ from cairn._cli_render import (
     walk,
 )
 from cairn._info import CheckpointInfo
-from cairn._manifest import check_name
+from cairn._manifest import Manifest, check_name
 from cairn._store import MARKER, Store, _matcher
 from cairn._verify import VerifyReport
 from cairn.errors import CairnError, CheckpointNotFoundError, NotAStoreError
@@ -106,13 +108,25 @@ def _short_error(store: Store, name: str, msg: str) -> str:
 # ------------------------------------------------------------------------------------------------ ls
 
 
-_LS_KEYS = ("name", "step", "time", "metrics", "metadata", "nbytes", "num_tensors", "num_blobs", "kept_by")
+_LS_KEYS = (
+    "name",
+    "step",
+    "time",
+    "metrics",
+    "metadata",
+    "nbytes",
+    "new_bytes",
+    "num_tensors",
+    "num_blobs",
+    "kept_by",
+)
 
 
 def cmd_ls(args: argparse.Namespace, out: Output) -> int:
     store = _open(args.path)
     infos, damaged = _infos(store)
     reasons = kept_by(store, infos)
+    fresh = _cli_inspect.new_bytes(store, infos)
     if args.json:
         rows: list[dict[str, Any]] = [
             {
@@ -122,6 +136,7 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
                 "metrics": {k: json_number(v) for k, v in i.metrics.items()},
                 "metadata": dict(i.metadata),
                 "nbytes": i.nbytes,
+                "new_bytes": fresh[i.name],
                 "num_tensors": i.num_tensors,
                 "num_blobs": i.num_blobs,
                 "kept_by": list(why),
@@ -143,6 +158,7 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
         Column("TIME"),
         Column("METRICS"),
         Column("SIZE", right=True),
+        Column("NEW", right=True),
         Column("TENSORS", right=True),
         Column("KEPT BY"),
     ]
@@ -153,13 +169,14 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
             local_time(i.time),
             metrics_text(i.metrics),
             human_size(i.nbytes),
+            human_size(fresh[i.name]),
             str(i.num_tensors),
             ", ".join(why) or "(deleted by the next retention pass)",
         ]
         for i, why in zip(infos, reasons, strict=True)
     ]
     for name, e in damaged:
-        table.append([name, "-", "-", f"DAMAGED: {_short_error(store, name, str(e))}", "-", "-", "-"])
+        table.append([name, "-", "-", f"DAMAGED: {_short_error(store, name, str(e))}", "-", "-", "-", "-"])
     styles = [None] * len(infos) + ["red"] * len(damaged)
     out.table(columns, table, styles)
     return EXIT_OK
@@ -168,16 +185,34 @@ def cmd_ls(args: argparse.Namespace, out: Output) -> int:
 # ------------------------------------------------------------------------------------------------ show
 
 
+def _stats(
+    store: Store, m: Manifest, entries: list[Entry], select: Callable[[str], bool] | None
+) -> dict[int, TensorStats]:
+    """For ``--stats``: the statistics of the tensors among ``entries`` (``walk(m, select)``), by position."""
+    rows = [i for i, e in enumerate(entries) if e.type != "object"]
+    leaves = _cli_inspect.leaves(m, select)  # the same rows, objects left out
+    wanted = [(i, x.tensor) for i, x in zip(rows, leaves, strict=True) if x.tensor is not None]
+    with _cli_inspect.reading("reading", sum(t.nbytes for _, t in wanted)) as progress:
+        stats = _cli_inspect.tensor_stats(store, m, [t for _, t in wanted], progress)
+    return {i: s for (i, _), s in zip(wanted, stats, strict=True)}
+
+
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
     path, name = parse_ref(args.ref)
     store = _open(path)
     m = store.manifest(_resolve(store, name))
     info = CheckpointInfo.from_manifest(m)
-    entries = walk(m, _matcher(args.key))
+    select = _matcher(args.key)
+    entries = walk(m, select)
     if args.key and not entries:
         patterns = ", ".join(repr(k) for k in args.key)
         raise UsageError(f"no key of checkpoint {m.name!r} matches --key {clean(patterns)}")
+    stats = _stats(store, m, entries, select) if args.stats else None
     if args.json:
+        docs = [asdict(e) for e in entries]
+        if stats is not None:
+            for i, doc in enumerate(docs):
+                doc["stats"] = stats[i].as_json() if i in stats else None
         out.json(
             {
                 "store": store.url,
@@ -189,7 +224,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
                 "nbytes": info.nbytes,
                 "num_tensors": info.num_tensors,
                 "num_blobs": info.num_blobs,
-                "entries": [asdict(e) for e in entries],
+                "entries": docs,
             }
         )
         return EXIT_OK
@@ -217,6 +252,9 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
         Column("VALUE"),
     ]
     rows = tree_rows(entries)
+    if stats is not None:
+        columns[5:5] = _cli_inspect.STATS_COLUMNS
+        rows = [row[:5] + _cli_inspect.stats_cells(stats.get(i)) + row[5:] for i, row in enumerate(rows)]
     out.table(columns, rows, ["bold" if e.type == "object" else None for e in entries])
     return EXIT_OK
 
@@ -342,6 +380,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="only keys matching this glob over dotted keys (or below it); may be repeated",
     )
+    show.add_argument(
+        "--stats",
+        action="store_true",
+        help="read the tensors (verified) and show min, max, mean, std and NaN/Inf counts of each",
+    )
     show.set_defaults(func=cmd_show)
 
     verify = sub.add_parser("verify", parents=[common], help="check every byte of a store or one checkpoint")
@@ -357,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--step", type=int, help="the checkpoint's step (default: one past the latest)")
     imp.set_defaults(func=cmd_import)
     add_manage_commands(sub, common)
+    for module in (_cli_inspect, _cli_transfer, _cli_plot):
+        module.add_commands(sub, common)
     return parser
 
 
