@@ -1,15 +1,23 @@
-"""The ``cairn`` command: list, inspect and verify checkpoint stores.
+"""The ``cairn`` command: inspect, compare, verify, convert and clean checkpoint stores.
 
 ::
 
-    cairn ls PATH                       one row per checkpoint
-    cairn show PATH[@NAME] [--key GLOB] the header and state tree of one checkpoint (default: latest)
-    cairn verify PATH[@NAME]            hash every blob; exit status 1 on any damage
-    cairn import FILE PATH              a .safetensors or weights-only torch.save file as a new checkpoint
+    cairn ls PATH                        one row per checkpoint: metrics, sizes, why retention keeps it
+    cairn show PATH[@NAME] [--key GLOB] [--stats]   header and state tree (default: latest)
+    cairn diff REF REF                   keys added, removed, changed; exit status 1 when they differ
+    cairn du PATH                        logical vs stored size, the saving from shared blobs
+    cairn verify PATH[@NAME]             hash every blob; exit status 1 on any damage
+    cairn export REF OUT                 to .safetensors or a weights-only torch file
+    cairn copy SRC DST                   checkpoints to another store, sending only missing blobs
+    cairn import FILE PATH               a .safetensors or weights-only torch.save file as a checkpoint
+    cairn forget PATH --keep-...         apply a retention policy by hand (--dry-run)
+    cairn gc PATH                        reclaim the space of blobs no checkpoint uses
+    cairn pin|unpin PATH@NAME            keep a checkpoint forever / let retention decide again
+    cairn plot PATH -o OUT.png           the metrics across checkpoints, best and kept marked
 
-Every command takes ``--json``. Exit status: 0 success, 1 damage found or corrupt data, 2 bad usage, a
-path that is not a store, or a checkpoint that does not exist. ``ls``, ``show`` and ``verify`` never import
-torch: they read manifests and hash raw bytes.
+Every command takes ``--json``. Exit status: 0 success, 1 damage found, corrupt data or (diff) a
+difference, 2 bad usage, a path that is not a store, or a checkpoint that does not exist. Commands that
+only read manifests or hash bytes never import torch.
 """
 
 from __future__ import annotations
@@ -360,8 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``cairn`` command."""
     parser = _Parser(
         prog="cairn",
-        description="Inspect and verify cairn checkpoint stores.",
-        epilog="exit status: 0 ok, 1 damage found or corrupt data, 2 bad usage or not found",
+        description="Inspect, compare, verify, convert and clean cairn checkpoint stores.",
+        epilog="exit status: 0 ok, 1 damage found or (diff) a difference, 2 bad usage or not found",
     )
     parser.add_argument("--version", action="version", version=f"cairn {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
