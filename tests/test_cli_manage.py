@@ -66,7 +66,8 @@ def test_pin_protects_and_gc_reclaims(store: Path) -> None:
     report = json.loads(gc.stdout)
     assert report["blobs_deleted"] == 3 and report["bytes_freed"] == 3 * 256 * 4
     assert cairn.Store(store).verify().ok
-    assert _run("unpin", f"{store}@step-4").returncode == 0
+    unpinned = _run("unpin", f"{store}@step-4", "--json")
+    assert unpinned.returncode == 0 and json.loads(unpinned.stdout)["pinned"] is False
     assert "would free 0 B" in _run("gc", str(store), "--dry-run").stdout
     assert _run("pin", str(store)).returncode == 2
     assert _run("gc", str(store), "--grace", "soon").returncode == 2

@@ -122,11 +122,16 @@ def cmd_gc(args: argparse.Namespace, out: Output, store: Store) -> int:
 
 def cmd_pin(args: argparse.Namespace, out: Output, store: Store, name: str) -> int:
     """Pin (or, for ``unpin``, unpin) one checkpoint."""
-    if args.command == "pin":
+    pinned = args.command == "pin"
+    if pinned:
         store.pin(name)
-        out.line(f"pinned {name}: retention will never delete it")
     else:
         store.unpin(name)
+    if args.json:
+        out.json({"store": store.url, "checkpoint": name, "pinned": pinned})
+    elif pinned:
+        out.line(f"pinned {name}: retention will never delete it")
+    else:
         out.line(f"unpinned {name}")
     return 0
 
