@@ -61,8 +61,8 @@ def collect_garbage(store: Store, *, grace: float = DEFAULT_GRACE, dry_run: bool
                 live |= store.manifest(name).blobs()
             except (CorruptCheckpointError, UnsupportedVersionError) as e:
                 raise type(e)(
-                    f"{e}\ngc stopped without deleting anything: the blobs of checkpoint {name!r} cannot be "
-                    f"known. Delete it (cairn forget / Store.delete) or restore it from a copy, then run gc."
+                    f"{e} -- gc stopped without deleting anything: the blobs of checkpoint {name!r} cannot "
+                    "be known. Delete it (cairn forget / Store.delete) or restore it from a copy, then gc."
                 ) from None
         now = time.time()
         for path in sorted(backend.list("blobs")):
