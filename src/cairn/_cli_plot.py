@@ -13,23 +13,22 @@ with the Agg canvas (no GUI, no change to the global backend), and its absence i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import math
 import os
 import re
-import secrets
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from cairn._atomic import atomic_file
 from cairn._cli_manage import kept_by
 from cairn._cli_render import Column, Output, UsageError, clean, json_number, shorten
 from cairn._info import CheckpointInfo
 from cairn._manager import stored_policy
 from cairn._store import Store
-from cairn.errors import CairnError, CheckpointNotFoundError
+from cairn.errors import BackendError, CairnError, CheckpointNotFoundError
 from cairn.policies import KeepAny, KeepBest, RetentionPolicy
 
 if TYPE_CHECKING:
@@ -318,23 +317,11 @@ def _check_output(path: str) -> None:
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``, so
     that ``path`` is either the old file or the whole new one, never half written."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as e:
-        raise UsageError(f"cannot write {clean(path)}: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_file(path) as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise UsageError(f"cannot write {clean(path)}: {e.strerror or e}") from None
-        raise
+    except BackendError as e:
+        raise UsageError(clean(e.strerror or str(e))) from None  # "cannot write PATH: reason"
 
 
 def _non_finite_text(s: Series, limit: int = 3) -> str:

@@ -4,7 +4,6 @@ refused with the reason)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import mmap
@@ -13,6 +12,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from cairn._atomic import atomic_file
 from cairn._codec import allocate, encode_array
 from cairn._dtypes import by_name
 from cairn._info import CheckpointInfo
@@ -148,27 +148,9 @@ def write_safetensors(
         offset += arr.nbytes
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
-    final = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(final))
-    tmp = os.path.join(directory, f".{os.path.basename(final)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb", closefd=False) as f:
-            f.write(len(head).to_bytes(8, "little"))
-            f.write(head)
-            for arr in encoded.values():
-                f.write(arr.data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    os.close(fd)
-    os.replace(tmp, final)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    with atomic_file(path) as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for arr in encoded.values():
+            f.write(arr.data)
     return 8 + len(head) + offset

@@ -7,18 +7,17 @@ size-checked and hashed before its bytes go anywhere, so damaged data is never e
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import IO, Any
+from typing import Any
 
 import blake3
 import numpy as np
 
+from cairn._atomic import atomic_file
 from cairn._manifest import LIMITS, Manifest, TensorEntry, check_name, parse_manifest
 from cairn._read import TensorReader, blob_path
 from cairn._store import Store, _matcher
@@ -129,38 +128,6 @@ def _rename(names: list[str], prefix: str) -> list[str]:
 
 def _write_error(path: str, e: OSError) -> BackendError:
     return BackendError(e.errno, f"cannot write {path}: {e.strerror or e}")
-
-
-@contextlib.contextmanager
-def _atomic_file(path: str) -> Iterator[IO[bytes]]:
-    """A new file that replaces ``path`` only once complete and durable: a temporary file in the same
-    directory, fsynced, renamed over ``path``, then the directory fsynced. Errors leave no file behind."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise _write_error(path, e) from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, BackendError):
-            raise _write_error(path, e) from None
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as e:
-        raise _write_error(path, e) from None
 
 
 def export_checkpoint(
@@ -306,7 +273,7 @@ def _write_safetensors(
     head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
     done = 0
-    with _atomic_file(out) as f:
+    with atomic_file(out) as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
         for t in tensors:
@@ -334,7 +301,7 @@ def _write_torch(
         done += t.nbytes
         if progress:
             progress(done, total)
-    with _atomic_file(out) as f:
+    with atomic_file(out) as f:
         torch.save(state, f)
         size = f.tell()
     return size
