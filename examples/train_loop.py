@@ -55,6 +55,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume) to ``args.epochs`` epochs; returns timings."""
+    # One thread: bit-for-bit reproducible arithmetic. (With several, the math library may use fewer of
+    # them when the machine is busy, which changes the order of additions and so the last bits.)
+    torch.set_num_threads(1)
     random.seed(args.seed)  # every RNG a run may use is seeded, and RNGState saves all of them
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)

@@ -27,6 +27,7 @@ WORKER = textwrap.dedent(
                                  ReduceLROnPlateau)
 
     out, backup = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)  # bit-reproducible arithmetic, whatever the load on the machine
     random.seed(0); np.random.seed(0); torch.manual_seed(0)
     d = load_digits()
     x, y = torch.tensor(d.data, dtype=torch.float32) / 16, torch.tensor(d.target)

@@ -28,9 +28,10 @@ from datetime import UTC, datetime
 from types import FrameType, TracebackType
 from typing import Any
 
+from cairn._async import AsyncWriter
 from cairn._info import CheckpointInfo
 from cairn._restore import Rename, RestoreReport, restore_into
-from cairn._store import DEFAULT_CHUNK_SIZE, Store
+from cairn._store import DEFAULT_CHUNK_SIZE, PreparedSave, Store
 from cairn.backends import Backend
 from cairn.backends._locks import lock_owner
 from cairn.backends.base import BackendLock
@@ -81,6 +82,10 @@ class CheckpointManager:
       them...). None keeps all. The newest checkpoint and pinned ones are always kept.
     - ``preemption_signals``: on any of these, :attr:`preempted` becomes True and the next :meth:`save`
       saves whatever the schedule says (never from inside the signal handler). ``()`` installs nothing.
+    - ``async_save``: :meth:`save` copies the state into a staging buffer (reused from save to save) and
+      returns; a background thread writes it. One save is in flight at most (the next waits for it);
+      its error is raised by the next :meth:`save`, :meth:`wait` or :meth:`close`; retention runs only
+      after the commit is durable; :meth:`close` (the end of the ``with`` block) waits for it.
     - ``save_on_exception``: an exception (Ctrl-C included, ``sys.exit`` not) escaping the ``with``
       block first saves the last state given to :meth:`save`, as ``exception-<step>``. It may hold
       objects as they were in the middle of a step, so ``restore()`` of the latest passes it over;
@@ -98,6 +103,7 @@ class CheckpointManager:
         keep: RetentionPolicy | None = None,
         preemption_signals: Iterable[int] = DEFAULT_SIGNALS,
         save_on_exception: bool = False,
+        async_save: bool = False,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         self.trigger = as_trigger(save_every)
@@ -121,6 +127,7 @@ class CheckpointManager:
         self._last_time = time.monotonic()
         self._last_state: tuple[int, Any, int | None] | None = None
         self._handlers: dict[int, Any] = {}
+        self._writer = AsyncWriter() if async_save else None
         self._install_signals(preemption_signals)
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -140,10 +147,26 @@ class CheckpointManager:
             ):
                 self._save_on_exception(exc)
         finally:
-            self.close()
+            if exc is None:
+                self.close()
+            else:  # the exception in flight matters more than a failed background save
+                with contextlib.suppress(Exception):
+                    self.close()
+
+    def wait(self) -> None:
+        """Wait until the async save in flight (if any) is durably committed; raise its error if it failed."""
+        if self._writer is not None:
+            self._writer.wait()
 
     def close(self) -> None:
-        """Release the store's lock and the signal handlers. Idempotent."""
+        """Wait for an async save in flight, then release the store's lock and the signal handlers.
+        Idempotent; raises the background save's error, if any (after releasing everything)."""
+        try:
+            self.wait()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         for signum, previous in self._handlers.items():
             with contextlib.suppress(ValueError, TypeError):
                 signal.signal(signum, previous)
@@ -233,6 +256,7 @@ class CheckpointManager:
         ``name`` is a checkpoint name, ``"latest"`` or ``"best"``. With ``"latest"``, a checkpoint that
         fails verification is skipped with a warning naming it, and the newest good one is restored.
         """
+        self.wait()  # an async save in flight may be the newest checkpoint
         if name == "best":
             best = self.best()
             if best is None:
@@ -332,15 +356,24 @@ class CheckpointManager:
         reason: str,
         *,
         name: str,
-    ) -> CheckpointInfo:
+    ) -> None:
         facts: dict[str, Any] = {"epoch": epoch, "reason": reason}
         if self.keep is not None:
             facts["keep"] = self.keep.to_spec()
         meta = {**(metadata or {}), MANAGER_KEY: facts}
-        info = self.store.save(state, step=step, name=name, metrics=metrics, metadata=meta)
+        if self._writer is not None:
+            self._writer.wait()  # one save in flight at most; a failure of the last one surfaces here
+        prepared = self.store.prepare(state, step=step, name=name, metrics=metrics, metadata=meta)
+        if self._writer is not None:
+            staged = self._writer.stage(prepared)  # the state as it is now: later changes cannot leak in
+            self._writer.submit(lambda: self._commit(staged))
+        else:
+            self._commit(prepared)
         self._last_step, self._last_epoch, self._last_time = step, epoch, time.monotonic()
-        self._apply_retention(keep_also=info.name)
-        return info
+
+    def _commit(self, prepared: PreparedSave) -> None:
+        info = self.store.commit(prepared)
+        self._apply_retention(keep_also=info.name)  # only once the commit is durable
 
     def _apply_retention(self, keep_also: str) -> builtins.list[str]:
         if self.keep is None:

@@ -51,7 +51,7 @@ from cairn.errors import (
     UnsupportedVersionError,
 )
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "Store", "StoreConfig"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "PreparedSave", "Store", "StoreConfig"]
 
 DEFAULT_CHUNK_SIZE = 16 * 2**20
 """Tensors are cut into chunks of at most this many bytes; each chunk is one blob."""
@@ -61,6 +61,25 @@ _MARKER_LIMIT = 1 << 16
 _LAYOUT = {MARKER, "blobs", "checkpoints", "tmp", "locks", "pins"}
 STORE_FORMAT = "cairn.store"
 _WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
+
+
+@dataclass(frozen=True)
+class PreparedSave:
+    """A validated, encoded save waiting for :meth:`Store.commit` (what an async save hands its thread)."""
+
+    name: str
+    step: int
+    tree: Any
+    arrays: list[tuple[str, _codec.EncodedArray]]
+    metrics: dict[str, float | int | str]
+    metadata: dict[str, Any]
+    started: float
+    overwrite: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all arrays."""
+        return sum(a.nbytes for _, a in self.arrays)
 
 
 @dataclass(frozen=True)
@@ -260,6 +279,23 @@ class Store:
         ``step-<step>``. Only chunks the store does not hold yet are written. A committed name is never
         overwritten unless ``overwrite=True``, which replaces it atomically (Keras-style "best" files).
         """
+        prepared = self.prepare(
+            state, step=step, name=name, metrics=metrics, metadata=metadata, overwrite=overwrite
+        )
+        return self.commit(prepared)
+
+    def prepare(
+        self,
+        state: Any,
+        *,
+        step: int | None = None,
+        name: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> PreparedSave:
+        """The first half of :meth:`save`: validate and encode ``state`` (its arrays still view the live
+        tensors' memory: copy them before changing the tensors if the commit happens later)."""
         started = _time.perf_counter()
         if step is None:
             latest = self.latest()
@@ -280,22 +316,18 @@ class Store:
             raise SerializationError(str(e)) from None
         meta = check_json_value(dict(metadata or {}), "metadata")
         tree, arrays = encode_tree(state)
-        with self.backend.lock("gc", shared=True):  # garbage collection waits for this save, and it for gc
-            return self._commit(name, step, tree, arrays, stored_metrics, meta, started, overwrite)
+        return PreparedSave(name, step, tree, arrays, stored_metrics, meta, started, overwrite)
 
-    def _commit(
-        self,
-        name: str,
-        step: int,
-        tree: Any,
-        arrays: builtins.list[tuple[str, _codec.EncodedArray]],
-        metrics: dict[str, float | int | str],
-        metadata: dict[str, Any],
-        started: float,
-        overwrite: bool = False,
-    ) -> CheckpointInfo:
-        """Write the blobs the store lacks, then the manifest: the commit."""
-        entries, written, nblobs = self._write_tensors(arrays)
+    def commit(self, prepared: PreparedSave) -> CheckpointInfo:
+        """The second half of :meth:`save`: write the blobs the store lacks, then the manifest."""
+        with self.backend.lock("gc", shared=True):  # garbage collection waits for this save, and it for gc
+            return self._commit(prepared)
+
+    def _commit(self, p: PreparedSave) -> CheckpointInfo:
+        name, step, tree, metrics, metadata, started, overwrite = (
+            p.name, p.step, p.tree, p.metrics, p.metadata, p.started, p.overwrite
+        )  # fmt: skip
+        entries, written, nblobs = self._write_tensors(p.arrays)
         self.backend.flush()  # every blob durable before the manifest can name it
         manifest = Manifest(
             name=name,

@@ -1,0 +1,102 @@
+"""Async saves: stage the state (one copy, in a buffer reused from save to save), then write it in a
+background thread while training goes on.
+
+At most one save is in flight: the next one first waits for it, so at most one staged copy of the
+state exists. A failure in the thread is never swallowed: it is raised by the next ``save()``,
+``wait()`` or ``close()``. The thread is not a daemon, so a process that exits normally with a save in
+flight completes it first; a process that is killed leaves no trace of it (the manifest is the commit).
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from cairn._store import PreparedSave
+
+__all__ = ["AsyncWriter"]
+
+_WRITERS: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
+_registered = False
+
+
+def _wait_at_exit() -> None:
+    """At interpreter exit, finish the saves in flight (before the thread pools they use shut down)."""
+    for writer in list(_WRITERS):
+        try:
+            writer.wait()
+        except BaseException as e:  # nobody is left to raise it to: say it
+            print(f"cairn: an async save in flight at exit failed: {e}", file=sys.stderr)
+
+
+def _register_exit_wait() -> None:
+    global _registered
+    if not _registered:
+        _registered = True
+        # threading's exit hooks run before the interpreter joins threads and before concurrent.futures
+        # stops accepting work (its hook was registered earlier; hooks run last-registered first)
+        register = getattr(threading, "_register_atexit", None)
+        if register is not None:
+            register(_wait_at_exit)
+        else:  # pragma: no cover - other Pythons
+            atexit.register(_wait_at_exit)
+
+
+class AsyncWriter:
+    """Runs one background commit at a time and remembers its error for the caller."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._staging = np.empty(0, dtype=np.uint8)
+
+    def stage(self, prepared: PreparedSave) -> PreparedSave:
+        """``prepared`` with every array copied into the staging buffer: what the tensors hold now, so a
+        change after ``save()`` returns cannot leak into the checkpoint. Call only when idle."""
+        assert self._thread is None, "stage() while a save is in flight"
+        total = prepared.nbytes
+        if self._staging.nbytes < total:
+            self._staging = np.empty(total, dtype=np.uint8)
+        pos, staged = 0, []
+        for path, arr in prepared.arrays:
+            n = arr.nbytes
+            dest = self._staging[pos : pos + n]
+            dest[:] = np.frombuffer(arr.data, dtype=np.uint8)
+            staged.append((path, replace(arr, data=dest.data)))
+            pos += n
+        return replace(prepared, arrays=staged)
+
+    def submit(self, work: Callable[[], object]) -> None:
+        """Run ``work`` in the background (call only when idle)."""
+        assert self._thread is None, "submit() while a save is in flight"
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as e:  # kept for the caller: never swallowed
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="cairn-async-save", daemon=False)
+        _register_exit_wait()
+        _WRITERS.add(self)
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """True while a save is in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any, and raise its error, if any (once)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
