@@ -30,13 +30,13 @@ from cairn._cli_render import (
     json_number,
     local_time,
     progress_bar,
+    tree_nodes,
     walk,
 )
 from cairn._info import CheckpointInfo, decode_metrics
 from cairn._manifest import BLOB_RE, Manifest, TensorEntry, canonical_json
 from cairn._read import TensorReader, blob_path
 from cairn._store import Store, _matcher
-from cairn._tree import format_path
 
 __all__ = [
     "PROGRESS_MIN_BYTES",
@@ -108,30 +108,7 @@ class Leaf:
 
 def _leaf_nodes(m: Manifest, select: Callable[[str], bool] | None) -> Iterator[tuple[str, Any]]:
     """The leaves of ``m``'s tree as ``(dotted key, node)``, in the order of :func:`walk`."""
-
-    def visit(node: Any, path: tuple[str | int, ...]) -> Iterator[tuple[str, Any]]:
-        key = format_path(path)
-        if isinstance(node, dict):
-            if "object" in node:
-                yield from visit(node["state"], path)
-                return
-            for tag in ("dict", "list", "tuple"):
-                if tag in node:
-                    children = node[tag]
-                    if not children:
-                        if select is None or select(key):
-                            yield key, node
-                    elif tag == "dict":
-                        for k, child in children:
-                            yield from visit(child, (*path, k))
-                    else:
-                        for i, child in enumerate(children):
-                            yield from visit(child, (*path, i))
-                    return
-        if select is None or select(key):
-            yield key, node
-
-    return visit(m.tree, ())
+    return ((key, node) for is_object, key, node in tree_nodes(m.tree, select) if not is_object)
 
 
 def leaves(m: Manifest, select: Callable[[str], bool] | None = None) -> list[Leaf]:

@@ -36,6 +36,7 @@ __all__ = [
     "metrics_text",
     "progress_bar",
     "shorten",
+    "tree_nodes",
     "tree_rows",
     "value_text",
     "walk",
@@ -219,52 +220,62 @@ def _bytes_repr(b64: str) -> str:
     return repr(head) + ("" if nbytes <= len(head) else f"... ({nbytes} bytes)")
 
 
-def walk(m: Manifest, select: Callable[[str], bool] | None = None) -> list[Entry]:
-    """Every leaf of ``m``'s state tree in order (objects announced before their state), read from the
-    manifest alone; with ``select`` only the leaves whose dotted key it accepts (objects with them)."""
+def tree_nodes(tree: Any, select: Callable[[str], bool] | None = None) -> Iterator[tuple[bool, str, Any]]:
+    """``(is_object, dotted key, node)`` for the leaves of a (validated) manifest tree in order, each
+    object node announced before its state's leaves; with ``select`` only the leaves whose key it accepts
+    (and the objects holding them). Leaves are plain values, tensor references and empty containers."""
 
     def keep(path: str) -> bool:
         return select is None or select(path)
 
-    def visit(node: Any, path: tuple[str | int, ...]) -> Iterator[Entry]:
+    def visit(node: Any, path: tuple[str | int, ...]) -> Iterator[tuple[bool, str, Any]]:
         key = format_path(path)
-        if not isinstance(node, dict):
-            if keep(key):
-                yield _value(key, "None" if node is None else type(node).__name__, repr(node))
-            return
-        if "object" in node:
-            inner = list(visit(node["state"], path))
-            if inner or keep(key):
-                yield Entry(key, "object", object=str(node["object"]))
-            yield from inner
-            return
-        for tag, empty in (("dict", "{}"), ("list", "[]"), ("tuple", "()")):
-            if tag in node:
-                children = node[tag]
-                if not children:
-                    if keep(key):
-                        yield _value(key, tag, empty)
-                elif tag == "dict":
+        if isinstance(node, dict):
+            if "object" in node:
+                inner = list(visit(node["state"], path))
+                if inner or keep(key):
+                    yield True, key, node
+                yield from inner
+                return
+            for tag in ("dict", "list", "tuple"):
+                if node.get(tag):
+                    children = node[tag] if tag == "dict" else enumerate(node[tag])
                     for k, child in children:
                         yield from visit(child, (*path, k))
-                else:
-                    for i, child in enumerate(children):
-                        yield from visit(child, (*path, i))
-                return
-        if not keep(key):
-            return
-        if "tensor" in node:
-            t = m.tensors[node["tensor"]]
-            yield Entry(key, "tensor", kind=t.kind, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
-        elif "int" in node:
-            digits = node["int"]
-            yield _value(key, "int", str(int(digits, 16)) if len(digits) <= 40 else digits)
-        elif "float" in node:
-            yield _value(key, "float", node["float"])
-        else:
-            yield _value(key, "bytes", _bytes_repr(node["bytes"]))
+                    return
+        if keep(key):
+            yield False, key, node
 
-    return list(visit(m.tree, ()))
+    return visit(tree, ())
+
+
+def walk(m: Manifest, select: Callable[[str], bool] | None = None) -> list[Entry]:
+    """Every leaf of ``m``'s state tree in order (objects announced before their state), read from the
+    manifest alone; with ``select`` only the leaves whose dotted key it accepts (objects with them)."""
+    return [
+        Entry(key, "object", object=str(node["object"])) if is_object else _leaf_entry(m, key, node)
+        for is_object, key, node in tree_nodes(m.tree, select)
+    ]
+
+
+_EMPTY = {"dict": "{}", "list": "[]", "tuple": "()"}
+
+
+def _leaf_entry(m: Manifest, key: str, node: Any) -> Entry:
+    if not isinstance(node, dict):
+        return _value(key, "None" if node is None else type(node).__name__, repr(node))
+    for tag, empty in _EMPTY.items():
+        if tag in node:
+            return _value(key, tag, empty)
+    if "tensor" in node:
+        t = m.tensors[node["tensor"]]
+        return Entry(key, "tensor", kind=t.kind, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
+    if "int" in node:
+        digits = node["int"]
+        return _value(key, "int", str(int(digits, 16)) if len(digits) <= 40 else digits)
+    if "float" in node:
+        return _value(key, "float", node["float"])
+    return _value(key, "bytes", _bytes_repr(node["bytes"]))
 
 
 def tree_rows(entries: Sequence[Entry]) -> list[list[str]]:
