@@ -29,6 +29,7 @@ from cairn._cli_render import (
     human_size,
     json_number,
     local_time,
+    number_text,
     progress_bar,
     tree_nodes,
     walk,
@@ -36,7 +37,8 @@ from cairn._cli_render import (
 from cairn._info import CheckpointInfo, decode_metrics
 from cairn._manifest import BLOB_RE, Manifest, TensorEntry, canonical_json
 from cairn._read import TensorReader, blob_path
-from cairn._store import Store, _matcher
+from cairn._store import Store
+from cairn._tree import key_matcher
 
 __all__ = [
     "PROGRESS_MIN_BYTES",
@@ -590,21 +592,6 @@ def disk_usage(store: Store) -> DiskUsage:
 # ----------------------------------------------------------------------------------------- rendering
 
 
-def number_text(v: float | int | str | None) -> str:
-    """A statistic or difference in a table cell: ints exactly, floats to 4 significant digits."""
-    if v is None:
-        return "-"
-    if isinstance(v, str):  # a non-finite float, as JSON spells it
-        return v
-    if isinstance(v, int):
-        return str(v)
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return f"{v:.4g}"
-
-
 def _signed_size(n: int) -> str:
     return "-" + human_size(-n) if n < 0 else human_size(n)
 
@@ -650,7 +637,7 @@ def _checkpoint(ref: str) -> tuple[Store, Manifest]:
 def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     """``cairn diff REF REF``: what changed from the left checkpoint to the right one."""
     left, right = _checkpoint(args.left), _checkpoint(args.right)
-    select = _matcher(args.key)
+    select = key_matcher(args.key)
     if args.key and not leaves(left[1], select) and not leaves(right[1], select):
         patterns = ", ".join(repr(k) for k in args.key)
         raise UsageError(f"no key of {left[1].name!r} or {right[1].name!r} matches --key {clean(patterns)}")

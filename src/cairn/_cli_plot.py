@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from cairn._atomic import atomic_file
 from cairn._cli_manage import kept_by
-from cairn._cli_render import Column, Output, UsageError, clean, json_number, shorten
+from cairn._cli_render import Column, Output, UsageError, clean, json_number, number_text, shorten
 from cairn._info import CheckpointInfo
 from cairn._manager import stored_policy
 from cairn._store import Store
@@ -166,10 +166,6 @@ def _tex_safe(text: str) -> str:
     return clean(text).replace("$", r"\$")
 
 
-def _number(v: float) -> str:
-    return f"{v:.4g}"
-
-
 def _mode_text(s: Series) -> str:
     better = "lower" if s.mode == "min" else "higher"
     why = {
@@ -232,7 +228,7 @@ def _draw_series(ax: Axes, s: Series, reasons: dict[str, tuple[str, ...]]) -> No
             edgecolors="#7a3b12",
             linewidths=0.8,
             zorder=5,
-            label=_tex_safe(f"best: {info.name} = {_number(value)}"),
+            label=_tex_safe(f"best: {info.name} = {number_text(value)}"),
         )
     if s.non_finite:
         # there is no value to draw: a dotted line at their step and a cross on the step axis
@@ -327,7 +323,7 @@ def write_atomic(path: str, data: bytes) -> None:
 def _non_finite_text(s: Series, limit: int = 3) -> str:
     if not s.non_finite:
         return "-"
-    shown = [f"{info.name}={_number(v)}" for info, v in s.non_finite[:limit]]
+    shown = [f"{info.name}={number_text(v)}" for info, v in s.non_finite[:limit]]
     more = len(s.non_finite) - limit
     return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
 
@@ -391,7 +387,7 @@ def _table(out: Output, n: int, series: Sequence[Series]) -> None:
             f"{s.mode} ({s.mode_from})",
             s.best[0].name if s.best else "-",
             str(s.best[0].step) if s.best else "-",
-            _number(s.best[1]) if s.best else "-",
+            number_text(s.best[1]) if s.best else "-",
             f"{len(s.points)}/{n}",
             _non_finite_text(s),
         ]

@@ -34,6 +34,7 @@ __all__ = [
     "json_number",
     "local_time",
     "metrics_text",
+    "number_text",
     "progress_bar",
     "shorten",
     "tree_nodes",
@@ -75,7 +76,13 @@ def local_time(t: datetime) -> str:
     return t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _number(v: float | int) -> str:
+def number_text(v: float | int | str | None) -> str:
+    """A metric, statistic or difference in a table cell: ints exactly, floats to 4 significant digits,
+    ``-`` for none, non-finite as JSON spells it."""
+    if v is None:
+        return "-"
+    if isinstance(v, str):  # a non-finite float, as JSON spells it
+        return v
     if isinstance(v, int):
         return str(v)
     if math.isnan(v):
@@ -87,7 +94,7 @@ def _number(v: float | int) -> str:
 
 def metrics_text(metrics: Mapping[str, float | int]) -> str:
     """Metrics as ``val_loss=0.21 acc=0.9`` (floats to 4 significant digits)."""
-    return " ".join(f"{clean(k)}={_number(v)}" for k, v in metrics.items())
+    return " ".join(f"{clean(k)}={number_text(v)}" for k, v in metrics.items())
 
 
 def value_text(value: Any, width: int = 60) -> str:
@@ -100,7 +107,7 @@ def json_number(v: float | int) -> float | int | str:
     """A metric for ``--json``: numbers as they are, non-finite floats as ``"nan"``/``"inf"``/``"-inf"``
     (strict JSON has no NaN), the same spelling manifests use."""
     if isinstance(v, float) and not math.isfinite(v):
-        return _number(v)
+        return number_text(v)
     return v
 
 

@@ -9,7 +9,6 @@ live objects untouched.
 
 from __future__ import annotations
 
-import fnmatch
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from cairn._codec import is_array
-from cairn._tree import format_path, is_stateful
+from cairn._tree import format_path, is_stateful, key_matcher
 from cairn.errors import RestoreError
 
 __all__ = ["Mismatch", "RestoreReport", "restore_into"]
@@ -169,13 +168,8 @@ def _renamer(rename: Rename | None) -> Callable[[str], str | None]:
 def _filter(
     include: Iterable[str] | str | None, exclude: Iterable[str] | str | None
 ) -> Callable[[str], bool]:
-    inc = [include] if isinstance(include, str) else (None if include is None else list(include))
-    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
-
-    def match(name: str, patterns: list[str]) -> bool:
-        return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
-
-    return lambda name: (inc is None or match(name, inc)) and not match(name, exc)
+    inc, exc = key_matcher(include), key_matcher(exclude)
+    return lambda name: (inc is None or inc(name)) and not (exc is not None and exc(name))
 
 
 def restore_into(

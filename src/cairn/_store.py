@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import fnmatch
 import os
 import threading
 import time as _time
@@ -35,7 +34,7 @@ from cairn._manifest import (
 )
 from cairn._read import TensorReader, blob_path
 from cairn._sniff import describe_foreign
-from cairn._tree import decode_tree, encode_tree
+from cairn._tree import decode_tree, encode_tree, key_matcher
 from cairn._verify import VerifyReport, verify_store
 from cairn.backends import Backend, LocalBackend, open_backend
 from cairn.errors import (
@@ -119,18 +118,6 @@ class StoreConfig:
         if doc.get("hash") != "blake3" or not isinstance(chunk, int) or not 1 <= chunk <= LIMITS.chunk_bytes:
             raise NotAStoreError(f"{where}: invalid hash or chunk_size")
         return cls(version=version, chunk_size=chunk)
-
-
-def _matcher(keys: str | Iterable[str] | None) -> Callable[[str], bool] | None:
-    if keys is None:
-        return None
-    patterns = [keys] if isinstance(keys, str) else list(keys)
-
-    def match(path: str) -> bool:
-        # a pattern matches itself literally too (keys may hold glob characters: "[0]"), and everything below
-        return any(path == p or fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
-
-    return match
 
 
 class Store:
@@ -403,7 +390,7 @@ class Store:
         """The state tree of checkpoint ``name``; with ``keys`` (glob patterns over dotted key paths,
         a pattern also selects everything below it) only the matching leaves are read."""
         m = self.manifest(name)
-        select = _matcher(keys)
+        select = key_matcher(keys)
         wanted: list[int] = []
         decode_tree(m.tree, lambda i: wanted.append(i), select)
         reader = TensorReader(self.backend, m.name, verify=verify, mmap=mmap)

@@ -20,8 +20,8 @@ import numpy as np
 from cairn._atomic import atomic_file
 from cairn._manifest import LIMITS, Manifest, TensorEntry, check_name, parse_manifest
 from cairn._read import TensorReader, blob_path
-from cairn._store import Store, _matcher
-from cairn._tree import format_path
+from cairn._store import Store
+from cairn._tree import format_path, key_matcher
 from cairn._verify import Problem
 from cairn.errors import (
     BackendError,
@@ -160,7 +160,7 @@ def export_checkpoint(
     out = os.fspath(path)
     fmt = export_format(out)
     m = store.manifest(name)
-    select = _matcher(keys or None)  # the selection of Store.load(keys=...) and cairn show --key
+    select = key_matcher(keys or None)  # the selection of Store.load(keys=...) and cairn show --key
     tensors = [t for t in m.tensors if select is None or select(t.path)]
     if keys and not tensors:
         patterns = ", ".join(repr(k) for k in keys)

@@ -11,9 +11,10 @@ A tree node is JSON: ``null``, ``true``/``false``, a string, an integer, a float
 from __future__ import annotations
 
 import base64
+import fnmatch
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -28,6 +29,7 @@ __all__ = [
     "encode_tree",
     "format_path",
     "is_stateful",
+    "key_matcher",
 ]
 
 MAX_TREE_DEPTH = 64
@@ -55,6 +57,21 @@ def is_stateful(value: object) -> bool:
         and callable(getattr(value, "state_dict", None))
         and callable(getattr(value, "load_state_dict", None))
     )
+
+
+def key_matcher(patterns: str | Iterable[str] | None) -> Callable[[str], bool] | None:
+    """A test of dotted key paths against glob ``patterns`` (None: no selection). A pattern also matches
+    itself literally (keys may hold glob characters: ``"[0]"``) and everything below it (``"model"``
+    selects ``"model.fc.weight"``). The selection of ``load(keys=)``, ``restore(include=/exclude=)`` and
+    the command line's ``--key``."""
+    if patterns is None:
+        return None
+    globs = [patterns] if isinstance(patterns, str) else list(patterns)
+
+    def match(path: str) -> bool:
+        return any(path == p or fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in globs)
+
+    return match
 
 
 def format_path(path: Path) -> str:

@@ -49,7 +49,8 @@ from cairn._cli_render import (
 )
 from cairn._info import CheckpointInfo
 from cairn._manifest import Manifest, check_name
-from cairn._store import MARKER, Store, _matcher
+from cairn._store import MARKER, Store
+from cairn._tree import key_matcher
 from cairn._verify import VerifyReport
 from cairn.errors import CairnError, CheckpointNotFoundError, NotAStoreError
 
@@ -210,7 +211,7 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
     store = _open(path)
     m = store.manifest(_resolve(store, name))
     info = CheckpointInfo.from_manifest(m)
-    select = _matcher(args.key)
+    select = key_matcher(args.key)
     entries = walk(m, select)
     if args.key and not entries:
         patterns = ", ".join(repr(k) for k in args.key)
