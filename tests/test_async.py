@@ -114,3 +114,28 @@ def test_exit_with_a_save_in_flight_completes_it(tmp_path: Path) -> None:
     store = cairn.Store(tmp_path)
     assert [i.step for i in store.list()] == [1] and store.verify().ok
     assert torch.equal(cairn.load(tmp_path)["w"], torch.arange(4_000_000.0))
+
+
+def test_a_large_state_is_staged_exactly_and_wait_raises() -> None:
+    """A state large enough to be staged in pieces by several threads is copied exactly, however its
+    tensors' sizes fall on the pieces; a failure of the write is raised by ``wait()``."""
+    backend = GatedBackend()
+    backend.gate.clear()
+    g = torch.Generator().manual_seed(0)
+    sizes = [3, 9_000_001, 17_000_000, 1, 5_000_000]  # 124 MB of float32, odd boundaries
+    state = {f"t{i}": torch.randn(n, generator=g) for i, n in enumerate(sizes)}
+    expected = {k: v.clone() for k, v in state.items()}
+    with cairn.CheckpointManager(backend, save_every=cairn.Every(steps=1), async_save=True) as mgr:
+        assert mgr.save(1, state)
+        for t in state.values():
+            t.mul_(-1)  # training goes on while the write waits
+        backend.gate.set()
+        mgr.wait()
+        backend.fail = True
+        mgr.save(2, state)
+        with pytest.raises(cairn.BackendError, match="No space left"):
+            mgr.wait()
+        backend.fail = False
+    loaded = cairn.load(backend, "step-1")
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    assert [i.step for i in cairn.Store(backend).list()] == [1]

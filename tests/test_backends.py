@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
-from cairn.backends import Backend, LocalBackend, MemoryBackend, check_path, open_backend
+from cairn.backends import Backend, LocalBackend, MemoryBackend, check_path, local, open_backend
 from cairn.errors import BackendError
 
 
@@ -212,3 +215,91 @@ def test_local_flush_syncs_only_what_is_not_yet_durable(tmp_path: Path) -> None:
     assert b._dirty == {str(tmp_path / "blobs" / "ab")}  # its parents are known durable
     b.create("blobs/cd/z", b"new dir")
     assert str(tmp_path / "blobs") in b._dirty  # a new directory's entry must be synced too
+
+
+_LARGE_SIZES = [2**20 - 1, 2**20, 2**20 + 1, 8 * 2**20 + 4097, 16 * 2**20 + 3, 3 * 8 * 2**20]
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_local_large_files_are_exact(tmp_path: Path, direct_io: bool) -> None:
+    """Large files go through O_DIRECT (padded to whole blocks, then truncated): every size comes back
+    byte for byte, read-only, with no temp file left."""
+    b = LocalBackend(tmp_path, direct_io=direct_io)
+    rng = np.random.default_rng(0)
+    for i, size in enumerate(_LARGE_SIZES):
+        data = rng.integers(0, 256, size, dtype=np.uint8)
+        assert b.create(f"blobs/ab/{i}", memoryview(data)[1:] if i == 0 else data)  # odd alignment too
+        expected = data[1:] if i == 0 else data
+        assert b.size(f"blobs/ab/{i}") == expected.nbytes
+        assert b.read(f"blobs/ab/{i}") == expected.tobytes()
+        assert not os.stat(tmp_path / "blobs" / "ab" / str(i)).st_mode & 0o222
+    assert os.listdir(tmp_path / "tmp") == []
+
+
+def _spy_fcntl(monkeypatch: pytest.MonkeyPatch, refuse: bool) -> list[int]:
+    """Record the O_DIRECT requests of the local backend (and refuse them with EINVAL if asked)."""
+    real, asked = fcntl.fcntl, []
+
+    def spy(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            asked.append(fd)
+            if refuse:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(local.fcntl, "fcntl", spy)
+    return asked
+
+
+def test_local_uses_o_direct_only_for_large_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _spy_fcntl(monkeypatch, refuse=False)
+    b = LocalBackend(tmp_path)
+    b.create("blobs/ab/small", b"x" * (2**20 - 1))
+    assert asked == []
+    b.create("blobs/ab/large", b"y" * 2**20)
+    assert len(asked) == 1
+    LocalBackend(tmp_path / "other", direct_io=False).create("blobs/ab/large", b"y" * 2**20)
+    assert len(asked) == 1
+
+
+def test_local_falls_back_when_o_direct_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _spy_fcntl(monkeypatch, refuse=True)
+    b = LocalBackend(tmp_path)
+    data = os.urandom(3 * 2**20 + 5)
+    b.create("blobs/ab/x", data)
+    b.create("blobs/ab/y", data[::-1])
+    assert b.read("blobs/ab/x") == data and b.read("blobs/ab/y") == data[::-1]
+    assert len(asked) == 1  # refused once: the backend stops asking
+
+
+def test_local_short_direct_write_finishes_buffered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short O_DIRECT write (a disk filling up) is finished through the page cache, which then
+    reports the real error, or succeeds: never a file with a hole."""
+    real_write, calls = os.write, []
+
+    def short_once(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, memoryview(data)[: len(data) // 2])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", short_once)
+    b = LocalBackend(tmp_path)
+    data = os.urandom(5 * 2**20 + 123)
+    b.create("blobs/ab/x", data)
+    monkeypatch.undo()
+    assert len(calls) >= 2 and b.read("blobs/ab/x") == data
+
+
+def test_local_o_direct_write_error_is_typed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    b = LocalBackend(tmp_path)
+
+    def full(fd: int, data: Any) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(BackendError, match="disk is full") as info:
+        b.create("blobs/ab/x", os.urandom(2**21))
+    monkeypatch.undo()
+    assert info.value.errno == errno.ENOSPC
+    assert b.size("blobs/ab/x") is None and os.listdir(tmp_path / "tmp") == []

@@ -261,3 +261,37 @@ def test_an_initial_save_and_exception_checkpoints_are_not_resumed_from(tmp_path
         mgr.save(1, state, force=True)
         raise SystemExit(0)
     assert [i.name for i in cairn.Store(tmp_path / "exit").list()] == ["step-1"]
+
+
+class _Clock:
+    """A fake monotonic clock for the manager: training steps and saves take the time the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_every_overhead_measures_saves_and_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(cairn._manager.time, "monotonic", clock.monotonic)  # type: ignore[attr-defined]
+    backend = MemoryBackend()
+    with cairn.CheckpointManager(backend, save_every=cairn.Every(overhead=0.1)) as mgr:
+        commit = mgr.store.commit
+
+        def slow_commit(prepared: Any) -> Any:
+            clock.now += 2.0  # every save blocks training 2 s
+            return commit(prepared)
+
+        monkeypatch.setattr(mgr.store, "commit", slow_commit)
+        saved = []
+        for step in range(1, 101):
+            clock.now += 1.0  # one training step is 1 s
+            if mgr.save(step, _state(step)):
+                saved.append(step)
+        assert mgr.save_seconds == pytest.approx(2.0)
+        assert mgr.step_seconds == pytest.approx(1.0)
+    # the first call saves to measure; then 2 s * 0.9 / 0.1 = 18 s of training between saves
+    assert saved == [1, 19, 37, 55, 73, 91]
+    assert len(saved) * 2.0 <= 0.1 * (100 + 2.0 * len(saved)) + 2.0

@@ -210,6 +210,75 @@ def test_every_time_with_a_fake_monotonic_clock() -> None:
     assert saved == [301.0, 602.0, 1500.0]
 
 
+def test_every_overhead_interval_keeps_saves_under_the_fraction() -> None:
+    assert Every(overhead=0.01).adaptive_interval(0.2) == pytest.approx(19.8)  # 0.2 s of every 20 s
+    assert Every(overhead=0.5).adaptive_interval(3.0) == pytest.approx(3.0)
+    assert Every(mtbf=3600).adaptive_interval(2.0) == pytest.approx(120.0)  # sqrt(2 * 2 * 3600)
+    assert Every(mtbf="1h").adaptive_interval(2.0) == pytest.approx(120.0)
+    # with both, the overhead bound is a floor under Young/Daly
+    assert Every(overhead=0.001, mtbf=3600).adaptive_interval(2.0) == pytest.approx(1998.0)
+    assert Every(overhead=0.5, mtbf=3600).adaptive_interval(2.0) == pytest.approx(120.0)
+
+
+@given(
+    cost=st.floats(1e-4, 100.0),
+    fraction=st.floats(1e-4, 0.9),
+    steps=st.lists(st.floats(1e-3, 10.0), min_size=1, max_size=200),
+)
+def test_every_overhead_bounds_the_time_spent_saving(
+    cost: float, fraction: float, steps: list[float]
+) -> None:
+    """Simulated training: whatever the step times, saves never take more than ``fraction`` of the run
+    (one save can always happen before the first interval, to measure the cost)."""
+    trigger, now, last_time, measured, saving = Every(overhead=fraction), 0.0, 0.0, None, 0.0
+    for step, seconds in enumerate(steps, start=1):
+        now += seconds
+        c = SaveContext(step=step, epoch=None, now=now, last_step=step - 1, last_epoch=None,
+                        last_time=last_time, save_seconds=measured)  # fmt: skip
+        if trigger.should_save(c):
+            now += cost
+            saving += cost
+            last_time, measured = now, cost
+    assert saving <= fraction * now + cost * (1 + 1e-9)
+
+
+def test_every_overhead_measures_first() -> None:
+    trigger = Every(overhead=0.01)
+    first = SaveContext(step=1, epoch=None, now=5.0, last_step=None, last_epoch=None, last_time=0.0)
+    assert trigger.should_save(first)  # no cost known: save once to measure it
+    known = SaveContext(step=2, epoch=None, now=15.0, last_step=1, last_epoch=None, last_time=5.5,
+                        save_seconds=0.5)  # fmt: skip
+    assert not trigger.should_save(known)  # 9.5 s since, 49.5 s needed
+    later = SaveContext(step=9, epoch=None, now=56.0, last_step=1, last_epoch=None, last_time=5.5,
+                        save_seconds=0.5)  # fmt: skip
+    assert trigger.should_save(later)
+    assert (Every(steps=1000) | Every(overhead=0.01)).should_save(later)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"overhead": 0}, "overhead"),
+        ({"overhead": 1.0}, "fraction"),
+        ({"overhead": -0.1}, "overhead"),
+        ({"overhead": True}, "overhead"),
+        ({"mtbf": 0}, "mtbf"),
+        ({"mtbf": "soon"}, "duration"),
+        ({"mtbf": float("inf")}, "mtbf"),
+    ],
+)
+def test_every_overhead_and_mtbf_are_checked(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Every(**kwargs)
+
+
+def test_every_overhead_repr_and_context_check() -> None:
+    assert repr(Every(overhead=0.01, mtbf="2h")) == "Every(overhead=0.01, mtbf=7200.0)"
+    with pytest.raises(ValueError, match="save_seconds"):
+        SaveContext(step=1, epoch=None, now=0.0, last_step=None, last_epoch=None, last_time=None,
+                    save_seconds=-1.0)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("c", "expected"),
     [

@@ -32,6 +32,7 @@ from cairn._async import AsyncWriter
 from cairn._info import CheckpointInfo
 from cairn._restore import Rename, RestoreReport, restore_into
 from cairn._store import DEFAULT_CHUNK_SIZE, PreparedSave, Store
+from cairn._timing import Timing
 from cairn.backends import Backend
 from cairn.backends._locks import lock_owner
 from cairn.backends.base import BackendLock
@@ -125,6 +126,7 @@ class CheckpointManager:
         self._last_step: int | None = None
         self._last_epoch: int | None = None
         self._last_time = time.monotonic()
+        self._timing = Timing()
         self._last_state: tuple[int, Any, int | None] | None = None
         self._handlers: dict[int, Any] = {}
         self._writer = AsyncWriter() if async_save else None
@@ -197,6 +199,17 @@ class CheckpointManager:
     def preempted(self) -> bool:
         """True once a preemption signal arrived: save (the next :meth:`save` does) and leave the loop."""
         return self._preempted is not None
+
+    @property
+    def save_seconds(self) -> float | None:
+        """How long a save blocks training in this process (a running mean; None before the first).
+        For async saves this is the staging copy, not the write; ``Every(overhead=)`` decides on it."""
+        return self._timing.save_seconds
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Measured seconds per training step between ``save()`` calls, saves excluded (running mean)."""
+        return self._timing.step_seconds
 
     # -- discovery ------------------------------------------------------------------------------------
 
@@ -323,14 +336,18 @@ class CheckpointManager:
             )
         if self._last_step is None:
             self._check_not_behind(step)
+        now = time.monotonic()
+        self._timing.call(step, now)
         ctx = SaveContext(
             step=step,
             epoch=epoch,
-            now=time.monotonic(),
+            now=now,
             last_step=self._last_step,
             last_epoch=self._last_epoch,
             last_time=self._last_time,
             preempted=self.preempted,
+            save_seconds=self._timing.save_seconds,
+            step_seconds=self._timing.step_seconds,
         )
         why = "forced" if force else ("preempted" if self.preempted else None)
         if why is None and not self.trigger.should_save(ctx):
@@ -361,6 +378,7 @@ class CheckpointManager:
         if self.keep is not None:
             facts["keep"] = self.keep.to_spec()
         meta = {**(metadata or {}), MANAGER_KEY: facts}
+        started = time.monotonic()
         if self._writer is not None:
             self._writer.wait()  # one save in flight at most; a failure of the last one surfaces here
         prepared = self.store.prepare(state, step=step, name=name, metrics=metrics, metadata=meta)
@@ -370,6 +388,7 @@ class CheckpointManager:
         else:
             self._commit(prepared)
         self._last_step, self._last_epoch, self._last_time = step, epoch, time.monotonic()
+        self._timing.saved(self._last_time - started)
 
     def _commit(self, prepared: PreparedSave) -> None:
         info = self.store.commit(prepared)

@@ -110,6 +110,9 @@ class SaveContext:
     time. ``last_step``/``last_epoch``/``last_time`` describe the last save, or, before the first save
     of this process, the point the run started or resumed from; ``None`` when unknown.
     ``preempted`` is set when the process is about to be stopped: every trigger then saves.
+    ``save_seconds`` is how long a save blocks training, as measured by the manager (a running mean
+    of this process's saves; None before the first), and ``step_seconds`` the measured time of a
+    training step without saves (None until two calls tell it): the inputs of ``Every(overhead=)``.
 
     Example::
 
@@ -124,6 +127,8 @@ class SaveContext:
     last_epoch: int | None
     last_time: float | None
     preempted: bool = False
+    save_seconds: float | None = None
+    step_seconds: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "step", _int(self.step, "SaveContext step"))
@@ -140,6 +145,10 @@ class SaveContext:
             )
         if not isinstance(self.preempted, bool):
             raise ValueError(f"SaveContext preempted must be True or False, not {self.preempted!r}")
+        for what in ("save_seconds", "step_seconds"):
+            value = getattr(self, what)
+            if value is not None and _real(value, f"SaveContext {what} (or None)") < 0:
+                raise ValueError(f"SaveContext {what} must be >= 0, not {value!r}")
 
 
 @runtime_checkable
@@ -228,12 +237,23 @@ class Every(_TriggerOps):
     * ``epochs=N``: the same with ``epoch``/``last_epoch``; no epoch decision when ``epoch`` is None.
     * ``seconds``/``minutes``/``hours``: saves when ``now - last_time >= interval``; they add up
       (``Every(hours=1, minutes=30)`` is 5400 s). No time decision when ``last_time`` is None.
+    * ``overhead=f`` (a fraction, e.g. 0.01): an adaptive interval. With ``C`` the measured time a
+      save blocks training (``ctx.save_seconds``), it saves when ``C·(1-f)/f`` seconds of training
+      have passed since the last save, so saves take at most the fraction ``f`` of the run. Before
+      the first save of the process ``C`` is unknown: the first call past the start saves and
+      measures it.
+    * ``mtbf`` (the expected time between failures: seconds, or a duration such as ``"2d"``): the
+      Young/Daly optimum interval ``sqrt(2·C·mtbf)``, which minimises the expected time lost to saves
+      plus the work lost to a failure. With ``overhead`` too, the interval is never shorter than the
+      overhead bound allows (the larger of the two).
 
     Also saves when ``ctx.preempted``. At least one argument must be given, and all must be > 0.
 
     Example::
 
         Every(steps=1000) | Every(minutes=30)     # whichever comes first
+        Every(overhead=0.01)                      # checkpointing costs at most 1% of training time
+        Every(overhead=0.05, mtbf="12h")          # Young/Daly for a failure every 12 h, at most 5%
     """
 
     steps: int | None = None
@@ -241,10 +261,23 @@ class Every(_TriggerOps):
     seconds: float | None = None
     minutes: float | None = None
     hours: float | None = None
+    overhead: float | None = None
+    mtbf: float | str | None = None
 
     def __post_init__(self) -> None:
-        if all(v is None for v in (self.steps, self.epochs, self.seconds, self.minutes, self.hours)):
-            raise ValueError("Every needs at least one of steps=, epochs=, seconds=, minutes=, hours=")
+        given = (self.steps, self.epochs, self.seconds, self.minutes, self.hours, self.overhead, self.mtbf)
+        if all(v is None for v in given):
+            raise ValueError(
+                "Every needs at least one of steps=, epochs=, seconds=, minutes=, hours=, overhead=, mtbf="
+            )
+        if self.overhead is not None:
+            f = _real(self.overhead, "Every overhead", positive=True)
+            if f >= 1:
+                raise ValueError(f"Every overhead is a fraction of training time in (0, 1), not {f!r}")
+        if isinstance(self.mtbf, str):
+            object.__setattr__(self, "mtbf", parse_duration(self.mtbf))
+        if self.mtbf is not None:
+            _real(self.mtbf, "Every mtbf (seconds, or a duration like '12h')", positive=True)
         if self.steps is not None:
             object.__setattr__(self, "steps", _int(self.steps, "Every steps", minimum=1))
         if self.epochs is not None:
@@ -255,7 +288,8 @@ class Every(_TriggerOps):
                 _real(value, f"Every {unit}", positive=True)
 
     def __repr__(self) -> str:
-        return _repr_set_fields(self, ("steps", "epochs", "seconds", "minutes", "hours"))
+        fields = ("steps", "epochs", "seconds", "minutes", "hours", "overhead", "mtbf")
+        return _repr_set_fields(self, fields)
 
     @property
     def interval_seconds(self) -> float | None:
@@ -278,7 +312,28 @@ class Every(_TriggerOps):
             if ctx.epoch // self.epochs > last // self.epochs:
                 return True
         interval = self.interval_seconds
-        return interval is not None and ctx.last_time is not None and ctx.now - ctx.last_time >= interval
+        if interval is not None and ctx.last_time is not None and ctx.now - ctx.last_time >= interval:
+            return True
+        if self.overhead is None and self.mtbf is None:
+            return False
+        if ctx.save_seconds is None:  # the cost is not known yet: save once to measure it
+            return True
+        adaptive = self.adaptive_interval(ctx.save_seconds)
+        return ctx.last_time is not None and ctx.now - ctx.last_time >= adaptive
+
+    def adaptive_interval(self, save_seconds: float) -> float:
+        """The seconds of training between saves that ``overhead``/``mtbf`` ask for, for saves that
+        block training ``save_seconds`` each (see the class docstring); 0 when neither is set.
+
+        Example::
+
+            Every(overhead=0.01).adaptive_interval(0.2)   # 19.8: 0.2 s of every 20 s is 1%
+        """
+        cost = max(0.0, _real(save_seconds, "save_seconds"))
+        bound = 0.0 if self.overhead is None else cost * (1 - self.overhead) / self.overhead
+        if self.mtbf is None:
+            return bound
+        return max(bound, math.sqrt(2 * cost * float(self.mtbf)))
 
 
 @dataclass(frozen=True, init=False)
