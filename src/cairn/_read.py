@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import blake3
@@ -14,6 +17,8 @@ from cairn.backends.base import Backend
 from cairn.errors import BackendError, BlobCorruptError, BlobMissingError, OutOfMemoryError
 
 __all__ = ["MMAP_MIN_BYTES", "TensorReader", "blob_path"]
+
+Job = Callable[[], None]
 
 MMAP_MIN_BYTES = 1 << 20
 """Tensors at least this large, stored in one chunk, are memory-mapped instead of copied."""
@@ -59,32 +64,46 @@ class TensorReader:
                 "restore an older checkpoint"
             )
 
-    def _fill(self, entry: TensorEntry, chunks: tuple[Chunk, ...], buffer: memoryview) -> None:
+    def _fill_chunk(self, entry: TensorEntry, chunk: Chunk, part: memoryview) -> None:
+        try:
+            n = self.backend.readinto(blob_path(chunk.blob), part)
+        except FileNotFoundError:
+            n = -1
+        if n != chunk.nbytes:
+            self._check_size(entry, chunk)  # raises with the precise reason
+            raise BlobCorruptError(f"{self._where(entry, chunk.blob)} changed while it was read")
+        self._check_hash(entry, chunk, part)
+
+    def _fill(self, entry: TensorEntry, chunks: tuple[Chunk, ...], buffer: memoryview) -> list[Job]:
+        """One job per chunk: read it into its place in ``buffer`` and hash it."""
+        jobs: list[Job] = []
         pos = 0
         for chunk in chunks:
-            part = buffer[pos : pos + chunk.nbytes]
-            try:
-                n = self.backend.readinto(blob_path(chunk.blob), part)
-            except FileNotFoundError:
-                n = -1
-            if n != chunk.nbytes:
-                self._check_size(entry, chunk)  # raises with the precise reason
-                raise BlobCorruptError(f"{self._where(entry, chunk.blob)} changed while it was read")
-            self._check_hash(entry, chunk, part)
+            jobs.append(partial(self._fill_chunk, entry, chunk, buffer[pos : pos + chunk.nbytes]))
             pos += chunk.nbytes
+        return jobs
 
-    def read(self, entry: TensorEntry) -> Any:
-        """The tensor or array of ``entry``, of its kind (scalars not yet unwrapped), on the CPU."""
+    def plan(self, entry: TensorEntry) -> tuple[Callable[[], Any], list[Job]]:
+        """How to read ``entry``: the jobs that fill it (independent; run them in any order, in any
+        threads) and the function that returns the value once they all ran. Every chunk's size is
+        checked and the memory allocated here, before any job runs."""
         chunks = [c for s in entry.shards for c in s.chunks]
         for chunk in chunks:  # every size is checked before anything is allocated
             self._check_size(entry, chunk)
         shape = entry.shape
         whole = len(entry.shards) == 1 and entry.shards[0].shape == shape
         if whole and self.mmap and len(chunks) == 1 and entry.nbytes >= MMAP_MIN_BYTES:
-            mapped = self.backend.map(blob_path(chunks[0].blob))
-            if mapped is not None and mapped.nbytes == chunks[0].nbytes:
-                self._check_hash(entry, chunks[0], mapped)
-                return from_buffer(entry.kind, entry.dtype, shape, mapped)
+            mapped: list[Any] = []
+
+            def map_and_hash() -> None:
+                view = self.backend.map(blob_path(chunks[0].blob))
+                if view is not None and view.nbytes == chunks[0].nbytes:
+                    self._check_hash(entry, chunks[0], view)
+                    mapped.append(from_buffer(entry.kind, entry.dtype, shape, view))
+                else:  # the backend could not map it after all: read it
+                    mapped.append(replace_mmap(self, False).read(entry))
+
+            return lambda: mapped[0], [map_and_hash]
         try:
             out = allocate(entry.kind, entry.dtype, shape)
         except (MemoryError, RuntimeError) as e:  # numpy raises MemoryError, torch RuntimeError
@@ -93,18 +112,47 @@ class TensorReader:
                 f"({str(e)[:120]}); load fewer keys at a time with keys=, or use a machine with more memory"
             ) from None
         if whole:
-            self._fill(entry, entry.shards[0].chunks, out.buffer)
-            return out.value
+            return lambda: out.value, self._fill(entry, entry.shards[0].chunks, out.buffer)
         elements = np.frombuffer(out.buffer, dtype=f"V{entry.itemsize}").reshape(shape)
-        for shard in entry.shards:
-            self._place(entry, shard, elements)
-        return out.value
+        return lambda: out.value, [partial(self._place, entry, shard, elements) for shard in entry.shards]
+
+    def read(self, entry: TensorEntry) -> Any:
+        """The tensor or array of ``entry``, of its kind (scalars not yet unwrapped), on the CPU."""
+        value, jobs = self.plan(entry)
+        for job in jobs:
+            job()
+        return value()
+
+    def read_all(self, entries: list[TensorEntry], workers: int) -> list[Any]:
+        """The values of ``entries``, read by ``workers`` threads chunk by chunk (a large tensor is read
+        by all of them, not by one)."""
+        plans = [self.plan(entry) for entry in entries]
+        jobs = [job for _, js in plans for job in js]
+        if len(jobs) > 1 and workers > 1:
+            with ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="cairn-load") as pool:
+                futures = [pool.submit(job) for job in jobs]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # a damaged chunk: do not read the rest first
+                    raise
+        else:
+            for job in jobs:
+                job()
+        return [value() for value, _ in plans]
 
     def _place(self, entry: TensorEntry, shard: Shard, elements: np.ndarray[Any, Any]) -> None:
         nbytes = math.prod(shard.shape) * entry.itemsize
         if nbytes == 0:
             return
         buf = np.empty(nbytes, dtype=np.uint8)
-        self._fill(entry, shard.chunks, buf.data)
+        for job in self._fill(entry, shard.chunks, buf.data):
+            job()
         box = tuple(slice(o, o + n) for o, n in zip(shard.offset, shard.shape, strict=True))
         elements[box] = buf.view(f"V{entry.itemsize}").reshape(shard.shape)
+
+
+def replace_mmap(reader: TensorReader, mmap: bool) -> TensorReader:
+    """``reader`` with memory mapping switched on or off."""
+    return TensorReader(reader.backend, reader.checkpoint, verify=reader.verify, mmap=mmap)

@@ -394,11 +394,7 @@ class Store:
         wanted: list[int] = []
         decode_tree(m.tree, lambda i: wanted.append(i), select)
         reader = TensorReader(self.backend, m.name, verify=verify, mmap=mmap)
-        if len(wanted) > 1:
-            with ThreadPoolExecutor(_WORKERS, thread_name_prefix="cairn-load") as pool:
-                values = list(pool.map(lambda i: reader.read(m.tensors[i]), wanted))
-        else:
-            values = [reader.read(m.tensors[i]) for i in wanted]
+        values = reader.read_all([m.tensors[i] for i in wanted], _WORKERS)
         loaded = dict(zip(wanted, values, strict=True))
         return decode_tree(
             m.tree, lambda i: _codec.finish(m.tensors[i].kind, loaded[i], map_location), select
