@@ -8,10 +8,12 @@ integers before anything is allocated.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -232,11 +234,13 @@ def _finite_float(token: str) -> float:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k[:64]!r}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k[:64]!r}")
+            seen.add(k)
     return out
 
 
@@ -290,8 +294,26 @@ def _dims(value: Any, what: str, field_name: str, limits: Limits) -> tuple[int, 
     return tuple(_int(d, what, field_name, 0, limits.tensor_bytes) for d in value)
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused: parsing builds many containers and no cycles, and in a
+    process holding a large heap (torch) the collections it triggers cost as much as the parse."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def parse_manifest(data: bytes, what: str, limits: Limits = LIMITS) -> Manifest:
     """Parse and fully validate manifest bytes; ``what`` names the file in errors."""
+    with _no_gc():
+        return _parse_manifest(data, what, limits)
+
+
+def _parse_manifest(data: bytes, what: str, limits: Limits) -> Manifest:
     doc = strict_json_loads(data, what, limits.manifest_bytes)
     if doc.get("format") != MANIFEST_FORMAT:
         raise _fail(what, f"not a cairn manifest (format field is {str(doc.get('format'))[:40]!r})")

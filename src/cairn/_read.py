@@ -20,6 +20,8 @@ __all__ = ["MMAP_MIN_BYTES", "TensorReader", "blob_path"]
 
 Job = Callable[[], None]
 
+_SMALL = 1 << 18  # tensors under this many bytes are not worth a thread hand-off
+
 MMAP_MIN_BYTES = 1 << 20
 """Tensors at least this large, stored in one chunk, are memory-mapped instead of copied."""
 
@@ -125,20 +127,27 @@ class TensorReader:
 
     def read_all(self, entries: list[TensorEntry], workers: int) -> list[Any]:
         """The values of ``entries``, read by ``workers`` threads chunk by chunk (a large tensor is read
-        by all of them, not by one)."""
+        by all of them, not by one); small tensors are read by the calling thread meanwhile."""
         plans = [self.plan(entry) for entry in entries]
-        jobs = [job for _, js in plans for job in js]
-        if len(jobs) > 1 and workers > 1:
-            with ThreadPoolExecutor(min(workers, len(jobs)), thread_name_prefix="cairn-load") as pool:
-                futures = [pool.submit(job) for job in jobs]
+        large = [
+            job for entry, (_, js) in zip(entries, plans, strict=True) if entry.nbytes >= _SMALL for job in js
+        ]
+        small = [
+            job for entry, (_, js) in zip(entries, plans, strict=True) if entry.nbytes < _SMALL for job in js
+        ]
+        if len(large) > 1 and workers > 1:
+            with ThreadPoolExecutor(min(workers, len(large)), thread_name_prefix="cairn-load") as pool:
+                futures = [pool.submit(job) for job in large]
                 try:
+                    for job in small:
+                        job()
                     for future in futures:
                         future.result()
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # a damaged chunk: do not read the rest first
                     raise
         else:
-            for job in jobs:
+            for job in large + small:
                 job()
         return [value() for value, _ in plans]
 
