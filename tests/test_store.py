@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 import cairn
+from cairn import _store
 from cairn.backends import MemoryBackend
 
 
@@ -287,3 +289,39 @@ def test_overwrite_replaces_a_checkpoint_atomically(tmp_path: Path) -> None:
     store.pin("best-model")
     with pytest.raises(cairn.PinnedError):
         store.save({"w": torch.ones(3)}, step=5, name="best-model", overwrite=True)
+
+
+def test_unchanged_chunks_are_not_hashed_again_but_every_change_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through one handle, a chunk whose memory holds the same bytes as at the previous save keeps its
+    name without BLAKE3; every way of changing bytes (in place, through .data, through a numpy view)
+    is still seen, because the fingerprint reads the bytes."""
+    hashed: list[int] = []
+    real = _store.blake3.blake3
+
+    def counting(data: Any = b"") -> Any:
+        if memoryview(data).nbytes == 4096:  # a chunk (manifest digests are BLAKE3 too)
+            hashed.append(4096)
+        return real(data)
+
+    monkeypatch.setattr(_store.blake3, "blake3", counting)
+    store = cairn.Store(tmp_path, create=True, chunk_size=4096)
+    w = torch.zeros(4096)  # four chunks
+    state = {"w": w, "b": np.zeros(1024, dtype=np.float32)}  # one chunk
+    store.save(state, step=0)
+    assert len(hashed) == 5
+    hashed.clear()
+    store.save(state, step=1)
+    assert hashed == []  # nothing changed: nothing hashed
+    w.data[0] = 1.0  # .data bypasses torch's version counter
+    w.numpy()[2048] = 2.0  # so does a numpy view
+    state["b"][-1] = 3.0
+    info = store.save(state, step=2)
+    assert len(hashed) == 3 and info.blobs_written == 3
+    out = cairn.load(tmp_path, "step-2")
+    assert out["w"][0] == 1.0 and out["w"][2048] == 2.0 and out["b"][-1] == 3.0
+    assert torch.equal(cairn.load(tmp_path, "step-1")["w"], torch.zeros(4096))
+    hashed.clear()
+    cairn.Store(tmp_path, fingerprints=False).save(state, step=3)
+    assert len(hashed) == 5

@@ -244,10 +244,20 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_FREE_CONTAINERS = 1 << 20  # up to this many arrays and objects, any density is fine
+_BYTES_PER_CONTAINER = 12  # above it, at least this many bytes per array or object (cairn writes ~24)
+
+
 def strict_json_loads(data: bytes, what: str, max_bytes: int) -> Any:
     """Parse untrusted JSON: size-capped, UTF-8, no duplicate keys, no NaN/Infinity, bounded nesting."""
     if len(data) > max_bytes:
         raise ManifestError(f"{what}: {len(data)} bytes is over the {max_bytes}-byte limit")
+    containers = data.count(b"[") + data.count(b"{")  # (brackets in strings count too: an upper bound)
+    if containers > max(_FREE_CONTAINERS, len(data) // _BYTES_PER_CONTAINER):
+        raise ManifestError(
+            f"{what}: {containers} JSON arrays and objects in {len(data)} bytes; no state cairn saves is "
+            "that dense (each costs a Python object to parse): not a manifest cairn wrote"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -258,6 +268,8 @@ def strict_json_loads(data: bytes, what: str, max_bytes: int) -> Any:
         return json.loads(
             text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
         )
+    except MemoryError:
+        raise ManifestError(f"{what}: not enough memory to parse {len(data)} bytes of JSON") from None
     except RecursionError:
         raise ManifestError(f"{what}: JSON nested too deeply") from None
     except ValueError as e:  # JSONDecodeError, duplicate keys, NaN, int digit limit
@@ -314,6 +326,9 @@ def parse_manifest(data: bytes, what: str, limits: Limits = LIMITS) -> Manifest:
 
 
 def _parse_manifest(data: bytes, what: str, limits: Limits) -> Manifest:
+    entries = data.count(b'"dtype"')  # at least one per tensor entry: too many is refused before parsing
+    if entries > limits.tensors:
+        raise _fail(what, f"about {entries} tensor entries, over the limit of {limits.tensors}")
     doc = strict_json_loads(data, what, limits.manifest_bytes)
     if doc.get("format") != MANIFEST_FORMAT:
         raise _fail(what, f"not a cairn manifest (format field is {str(doc.get('format'))[:40]!r})")
