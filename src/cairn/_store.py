@@ -62,6 +62,7 @@ _MARKER_LIMIT = 1 << 16
 _LAYOUT = {MARKER, "blobs", "checkpoints", "tmp", "locks", "pins"}
 STORE_FORMAT = "cairn.store"
 _WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
+_SAVE_WORKERS = max(_WORKERS, 16)  # writes of small files wait on fsync: many at once share journal commits
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,7 @@ class Store:
             for pos in range(0, arr.nbytes, size)
         ]
         self._seen, self._previous = {}, self._seen
-        with ThreadPoolExecutor(_WORKERS, thread_name_prefix="cairn-save") as pool:
+        with ThreadPoolExecutor(_SAVE_WORKERS, thread_name_prefix="cairn-save") as pool:
             results = list(pool.map(lambda job: self._put_chunk(job[1]), jobs))
         self._previous = {}
         chunks: builtins.list[tuple[Chunk, ...]] = [() for _ in arrays]

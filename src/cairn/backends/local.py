@@ -37,18 +37,35 @@ _DIRECT_BUFFER = 8 << 20  # the page-aligned buffer each writing thread copies t
 _ALIGN = 4096  # O_DIRECT transfers are whole multiples of this (the largest logical block size in use)
 
 
-class _DirectBuffer(threading.local):
-    """One page-aligned buffer per thread (anonymous memory maps are page-aligned)."""
+class _DirectBuffers:
+    """Page-aligned buffers (anonymous maps are page-aligned) for ``O_DIRECT`` writes: at most ``count``,
+    made on first use and kept for later saves; a writing thread waits when all are taken, which also
+    bounds the direct writes in flight."""
 
-    buffer: mmap.mmap | None = None
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._free: list[mmap.mmap] = []
+        self._made = 0
+        self._cond = threading.Condition()
 
-    def get(self) -> mmap.mmap:
-        if self.buffer is None:
-            self.buffer = mmap.mmap(-1, _DIRECT_BUFFER)
-        return self.buffer
+    @contextlib.contextmanager
+    def take(self) -> Iterator[mmap.mmap]:
+        with self._cond:
+            while not self._free and self._made >= self._count:
+                self._cond.wait()
+            if self._free:
+                buffer = self._free.pop()
+            else:
+                buffer, self._made = mmap.mmap(-1, _DIRECT_BUFFER), self._made + 1
+        try:
+            yield buffer
+        finally:
+            with self._cond:
+                self._free.append(buffer)
+                self._cond.notify()
 
 
-_direct_buffer = _DirectBuffer()
+_direct_buffers = _DirectBuffers(4)
 
 
 def _write_buffered(fd: int, view: memoryview) -> None:
@@ -65,7 +82,12 @@ def _write_direct(fd: int, view: memoryview) -> bool:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     except OSError:
         return False
-    buffer = _direct_buffer.get()
+    with _direct_buffers.take() as buffer:
+        return _copy_through(fd, flags, view, buffer)
+
+
+def _copy_through(fd: int, flags: int, view: memoryview, buffer: mmap.mmap) -> bool:
+    """The body of :func:`_write_direct`, with its aligned ``buffer``."""
     dst = np.frombuffer(buffer, dtype=np.uint8)
     src = np.frombuffer(view, dtype=np.uint8)
     pos, total = 0, view.nbytes
