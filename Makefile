@@ -28,7 +28,7 @@ pytest: $(STAMP)
 	$(BIN)/pytest -n 2 -q
 
 bench: $(STAMP)
-	$(BIN)/python bench/bench_store.py
+	$(BIN)/python bench/bench_store.py --json bench/results/store.json && $(BIN)/python bench/bench_training.py --json bench/results/training.json
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-out

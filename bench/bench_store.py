@@ -1,655 +1,547 @@
 #!/usr/bin/env python
-"""Benchmark cairn's store against torch.save/torch.load, safetensors and the disk's own ceiling.
+"""Benchmark cairn's store against torch.save, safetensors, torch.distributed.checkpoint and the machine.
 
-    python bench/bench_store.py [--size-gb 1.0] [--repeats 3] [--dir DIR] [--json OUT] [--seed 0]
+    python bench/bench_store.py [--states small,medium,finetune,embedding] [--repeats 3] [--size-gb G]
+                                [--quick] [--dir DIR] [--json OUT] [--seed 0]
 
-The state is a GPT-2-small-shaped model state dict plus AdamW-like ``exp_avg``/``exp_avg_sq`` tensors
-(float32, seeded random data), scaled to about ``--size-gb`` GB (10**9 bytes). Every save is durable when
-its timer stops: cairn fsyncs by itself, the peers get an fsync of their file and of its directory.
-Every load ends by reading one float from each 4 KiB page of every tensor, so lazily mapped tensors are
-paid for in full. Each operation runs in a fresh directory; the table shows the median of ``--repeats``.
-See bench/README.md.
+States (bench/states.py): GPT-2 small + AdamW (445 tensors, 1.49 GB), GPT-2 medium (292 tensors, 1.42 GB),
+a fine-tune of GPT-2 medium with 90% of the parameters frozen, and an embedding table where 1% of the rows
+change between saves. Systems (bench/peers.py): cairn sync, async (CheckpointManager) and incremental;
+torch.save, safetensors, DCP (sync, thread_count=2, async). Ceilings (bench/ceilings.py): O_DIRECT and
+buffered disk writes, cold and warm reads, memcpy, BLAKE3. Every save is durable when its timer stops;
+every load is checked against the saved state; cold loads run after the page cache is dropped. The table
+shows medians of ``--repeats``, each figure also as a ratio to the best peer and to the ceiling; ``--json``
+writes every sample. See bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
-import json
-import math
-import os
-import platform
-import random
 import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from ceilings import READ_COLD, READ_WARM, WRITE, Ceilings
+from harness import (
+    GB,
+    NO_DROP,
+    MiB,
+    Sample,
+    files_under,
+    find_evictor,
+    fmt,
+    log,
+    machine_info,
+    machine_lines,
+    markdown,
+    measured,
+    median,
+    resident_fraction,
+    same_checksum,
+    scratch_dir,
+    touch,
+    tree_size,
+    write_json,
+)
+from peers import CAIRN_LAZY, CAIRN_LOADS, CairnAsync, SaveTimes, cairn_lazy, cairn_save, peer_systems
+from states import BUILDERS, Flat, Pair, Workload, describe, nest
 
-try:
-    import cairn
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    import cairn
-
-try:
-    import safetensors
-    import safetensors.torch as st
-except ImportError:  # the safetensors rows are then left out
-    safetensors = None
-    st = None
-
-GB = 10**9
-MiB = 2**20
-BLOCK = 64 * MiB
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-N_EMBD, N_CTX, VOCAB, N_LAYER = 768, 1024, 50257, 12
-Shape = tuple[int, ...]
-
-NO_DROP = "page cache could not be dropped: warm loads only"
-
-
-# -- the state ----------------------------------------------------------------------------------------
-
-
-def model_shapes(n_layer: int, vocab: int) -> list[tuple[str, Shape]]:
-    """GPT-2 (Hugging Face names and Conv1D layouts) with ``n_layer`` blocks and ``vocab`` embedding rows."""
-    d = N_EMBD
-    out: list[tuple[str, Shape]] = []
-    if vocab:
-        out.append(("transformer.wte.weight", (vocab, d)))
-    out.append(("transformer.wpe.weight", (N_CTX, d)))
-    for i in range(n_layer):
-        h = f"transformer.h.{i}"
-        out += [
-            (f"{h}.ln_1.weight", (d,)),
-            (f"{h}.ln_1.bias", (d,)),
-            (f"{h}.attn.c_attn.weight", (d, 3 * d)),
-            (f"{h}.attn.c_attn.bias", (3 * d,)),
-            (f"{h}.attn.c_proj.weight", (d, d)),
-            (f"{h}.attn.c_proj.bias", (d,)),
-            (f"{h}.ln_2.weight", (d,)),
-            (f"{h}.ln_2.bias", (d,)),
-            (f"{h}.mlp.c_fc.weight", (d, 4 * d)),
-            (f"{h}.mlp.c_fc.bias", (4 * d,)),
-            (f"{h}.mlp.c_proj.weight", (4 * d, d)),
-            (f"{h}.mlp.c_proj.bias", (d,)),
-        ]
-    out += [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
-    return out
+CAIRN_FULL = "cairn.save (sync), full"
+CAIRN_ASYNC_FULL = "cairn async, full (new store)"
+CAIRN_ASYNC_REUSED = "cairn async, full (staging buffer reused)"
+QUICK_GB = 0.05
 
 
-def nbytes_of(shapes: list[tuple[str, Shape]]) -> int:
-    return 4 * sum(math.prod(s) for _, s in shapes)
+@dataclass
+class Section:
+    """A group of rows compared with each other: the peers, the ceiling kind and the logical bytes."""
+
+    kind: str  # "save", "cold" or "warm": which ceiling applies
+    nbytes: int
+    peers: list[str] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    full: dict[str, str] = field(default_factory=dict)  # 2nd-save op -> the full save it is a fraction of
 
 
-def plan_state(target: int) -> tuple[list[tuple[str, str, Shape]], str]:
-    """(group, key, shape) for every tensor of a state of about ``target`` bytes, and how it was scaled.
+class Runner:
+    """Runs the operations and keeps every sample by (section, operation)."""
 
-    Groups are ``model``, ``exp_avg`` and ``exp_avg_sq``. Below the size of the full GPT-2-small model
-    (0.50 GB) the optimizer state is dropped and the model shrunk (fewer blocks, fewer vocabulary rows);
-    between that and model + both Adam moments (1.49 GB) Adam tensors are added in order (all of
-    ``exp_avg`` first) while that brings the total closer to the target; above it blocks are repeated.
-    """
-    model_bytes = nbytes_of(model_shapes(N_LAYER, VOCAB))
-    if target < model_bytes:
-        n_layer = max(1, min(N_LAYER, round(N_LAYER * target / model_bytes)))
-        rest = nbytes_of(model_shapes(n_layer, 0))
-        vocab = max(1, min(VOCAB, (target - rest) // (4 * N_EMBD)))
-        entries = [("model", k, s) for k, s in model_shapes(n_layer, vocab)]
-        return entries, f"model only: {n_layer} blocks, {vocab} vocabulary rows, no optimizer state"
-    block_bytes = nbytes_of(model_shapes(1, 0)) - nbytes_of(model_shapes(0, 0))
-    if target >= 3 * model_bytes:
-        n_layer = N_LAYER + round((target - 3 * model_bytes) / (3 * block_bytes))
-        params = model_shapes(n_layer, VOCAB)
-        entries = [(g, k, s) for g in ("model", "exp_avg", "exp_avg_sq") for k, s in params]
-        return entries, f"model ({n_layer} blocks, full vocabulary) + exp_avg + exp_avg_sq"
-    params = model_shapes(N_LAYER, VOCAB)
-    entries = [("model", k, s) for k, s in params]
-    total = nbytes_of(params)
-    added = {"exp_avg": 0, "exp_avg_sq": 0}
-    for g, k, s in [(g, k, s) for g in added for k, s in params]:
-        b = 4 * math.prod(s)
-        if abs(total + b - target) >= abs(total - target):
-            break
-        entries.append((g, k, s))
-        total += b
-        added[g] += 1
-    optim = ", ".join(f"{g} for {n} of {len(params)} tensors" for g, n in added.items() if n)
-    return entries, f"model ({N_LAYER} blocks, full vocabulary)" + (
-        f" + {optim}" if optim else ", no optimizer state"
-    )
-
-
-def build_state(
-    entries: list[tuple[str, str, Shape]], seed: int
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The nested state (for cairn and torch.save) and the same tensors flat (for safetensors)."""
-    g = torch.Generator().manual_seed(seed)
-    flat: dict[str, torch.Tensor] = {}
-    for group, key, shape in entries:
-        t = torch.randn(shape, generator=g)
-        if group == "model":
-            t.mul_(0.02)
-        elif group == "exp_avg":
-            t.mul_(1e-3)
-        else:
-            t.square_().mul_(1e-6)
-        flat[f"{group}.{key}"] = t
-    return nest(flat), flat
-
-
-def nest(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
-    state: dict[str, Any] = {"model": {}, "optim": {"exp_avg": {}, "exp_avg_sq": {}, "step": 1000}}
-    for name, t in flat.items():
-        group, key = name.split(".", 1)
-        (state["model"] if group == "model" else state["optim"][group])[key] = t
-    return state
-
-
-def change_some(flat: dict[str, torch.Tensor], fraction: float, seed: int) -> tuple[dict[str, Any], int]:
-    """The state with ``fraction`` of its tensors (chosen at random, seeded) replaced; the bytes changed."""
-    names = sorted(random.Random(seed).sample(sorted(flat), max(1, round(fraction * len(flat)))))
-    changed = dict(flat)
-    for name in names:
-        changed[name] = flat[name] + 1.0
-    return nest(changed), sum(flat[n].nbytes for n in names)
-
-
-def leaves(tree: Any) -> Iterator[torch.Tensor]:
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from leaves(v)
-    elif isinstance(tree, torch.Tensor):
-        yield tree
-
-
-def touch(tree: Any) -> tuple[int, float]:
-    """Read one element of every page of every tensor (forces mapped tensors in); (count, checksum)."""
-    n, total = 0, 0.0
-    for t in leaves(tree):
-        step = max(1, PAGE // t.element_size())
-        total += float(t.reshape(-1)[::step].double().sum())
-        n += 1
-    return n, total
-
-
-# -- durability and the page cache ----------------------------------------------------------------------
-
-
-def fsync_file_and_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def files_under(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return [Path(d) / f for d, _, fs in os.walk(path) for f in fs]
-
-
-def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    return libc
-
-
-try:
-    LIBC = _libc() if sys.platform.startswith("linux") else None
-except (OSError, AttributeError):
-    LIBC = None
-
-
-def resident_fraction(paths: list[Path]) -> float | None:
-    """The fraction of the files' pages in the page cache (mincore), or None if it cannot be told."""
-    if LIBC is None:
-        return None
-    resident = total = 0
-    for path in paths:
-        size = path.stat().st_size
-        if size == 0:
-            continue
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            addr = LIBC.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
-            if addr is None or addr == ctypes.c_void_p(-1).value:
-                return None
-            try:
-                pages = (size + PAGE - 1) // PAGE
-                vec = np.zeros(pages, dtype=np.uint8)
-                if LIBC.mincore(addr, size, vec.ctypes.data) != 0:
-                    return None
-                resident += int((vec & 1).sum())
-                total += pages
-            finally:
-                LIBC.munmap(addr, size)
-        finally:
-            os.close(fd)
-    return resident / total if total else 0.0
-
-
-def drop_caches(paths: list[Path]) -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-
-
-def fadvise_dontneed(paths: list[Path]) -> None:
-    os.sync()
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-def find_evictor(root: Path) -> tuple[Callable[[list[Path]], None] | None, str]:
-    """How to empty the page cache of given files: drop_caches (root), else per-file fadvise, else none.
-
-    Each method is tried on a probe file and kept only if mincore then shows (almost) none of it cached,
-    or if mincore is unavailable and the method raised no error.
-    """
-    probe = root / "cache-probe"
-    data = np.random.default_rng(1).bytes(8 * MiB)
-    with open(probe, "wb") as f:
-        f.write(data)
-    fsync_file_and_dir(probe)
-    notes = []
-    try:
-        for name, method in (("drop_caches", drop_caches), ("posix_fadvise(DONTNEED)", fadvise_dontneed)):
-            try:
-                method([probe])
-            except (OSError, AttributeError) as e:
-                notes.append(f"{name}: {e}")
-                continue
-            left = resident_fraction([probe])
-            if left is None or left < 0.05:
-                return method, name if left is not None else f"{name} (unverified: no mincore)"
-            notes.append(f"{name}: {left:.0%} still cached")
-        return None, f"{NO_DROP} ({'; '.join(notes)})"
-    finally:
-        probe.unlink()
-
-
-# -- timing -------------------------------------------------------------------------------------------
-
-
-class Bench:
-    def __init__(self, root: Path, state: dict[str, Any], flat: dict[str, torch.Tensor], args: Any) -> None:
-        self.root = root
-        self.state, self.flat = state, flat
-        self.nbytes = sum(t.nbytes for t in flat.values())
-        self.args = args
-        self.times: dict[str, list[float]] = {}
-        self.written: dict[str, list[int]] = {}
-        self.cached_at_start: dict[str, list[float | None]] = {}
+    def __init__(self, root: Path, args: argparse.Namespace) -> None:
+        self.root, self.args = root, args
         self.evict, self.cache_method = find_evictor(root)
-        self.expected = touch(state)
-        self.changed_state, self.changed_bytes = change_some(flat, 0.10, args.seed + 1)
-        blocks = min(4, -(-self.nbytes // BLOCK))  # distinct random blocks the disk ceiling cycles through
-        self.pool = [np.random.default_rng(args.seed + 2 + i).bytes(BLOCK) for i in range(blocks)]
-        self.read_buffer = memoryview(bytearray(min(BLOCK, self.nbytes)))  # allocated (and zeroed) once
-        self.repeat = 0
+        self.sections: dict[str, Section] = {}
+        self.samples: dict[tuple[str, str], list[Sample]] = {}
+        self.cached_at_start: list[float] = []
+        self.peers = peer_systems()
+        self.expected: tuple[Flat | None, tuple[int, float]] = (None, (0, 0.0))  # (state, touch(state))
 
-    def log(self, msg: str) -> None:
-        print(f"[{self.repeat + 1}/{self.args.repeats}] {msg}", file=sys.stderr, flush=True)
+    def section(self, name: str, kind: str, nbytes: int) -> Section:
+        return self.sections.setdefault(name, Section(kind, nbytes))
 
-    def record(self, op: str, seconds: float, written: int | None = None) -> None:
-        self.times.setdefault(op, []).append(seconds)
-        if written is not None:
-            self.written.setdefault(op, []).append(written)
-        extra = "" if written is None else f", {written / GB:.3f} GB written"
-        self.log(f"{op}: {seconds:.3f} s{extra}")
+    def add(self, section: str, op: str, sample: Sample, peer: bool = False) -> None:
+        sec = self.sections[section]
+        if op not in sec.ops:
+            sec.ops.append(op)
+        if peer and op not in sec.peers:
+            sec.peers.append(op)
+        self.samples.setdefault((section, op), []).append(sample)
+        extra = f", blocking {sample.blocking:.3f} s" if sample.blocking is not None else ""
+        wrote = f", {sample.bytes_written / GB:.3f} GB written" if sample.bytes_written is not None else ""
+        log(f"{section} | {op}: {sample.seconds:.3f} s{extra}{wrote}")
 
-    def timed(self, op: str, fn: Callable[[], Any]) -> Any:
-        gc.collect()
-        t0 = time.perf_counter()
-        out = fn()
-        self.record(op, time.perf_counter() - t0)
-        return out
+    # -- saves ----------------------------------------------------------------------------------------
 
-    def load(self, op: str, files: Path, fn: Callable[[], Any]) -> None:
-        """Time ``fn`` (a load) plus touching every page of its result, cold (if possible) then warm."""
+    def save(self, section: str, op: str, fn: Callable[[], SaveTimes], out: Path, peer: bool = False) -> None:
+        """One save into ``out``; bytes written is how much the files under ``out`` grew."""
+        before = tree_size(out)
+        times, rss = measured(fn)
+        sample = Sample(times.durable, times.blocking, tree_size(out) - before, rss)
+        self.add(section, op, sample, peer)
 
-        def run() -> tuple[Any, tuple[int, float]]:
-            tree = fn()
-            return tree, touch(tree)
+    def saves(self, wl: Workload, pair: Pair, r: int) -> None:
+        """Every system's full save of ``pair.first``; cairn's second save of ``pair.second``; loads."""
+        sec = f"{wl.name}: save" + (f" [{pair.label}]" if len(wl.pairs) > 1 else "")
+        self.section(sec, "save", wl.nbytes)
+        second = f"2nd save ({pair.label})"
+        base = self.root / f"{wl.name}-{r}"
+        base.mkdir(exist_ok=True)
 
-        def once(label: str) -> None:
-            tree, got = self.timed(label, run)
-            del tree  # freed (mappings unmapped) outside the timer
-            self.check(op, got)
-            gc.collect()
-
-        if self.evict is not None:
-            paths = files_under(files)
-            self.evict(paths)
-            self.cached_at_start.setdefault(f"{op}, cold", []).append(resident_fraction(paths))
-            once(f"{op}, cold")
-        once(f"{op}, warm")
-
-    def check(self, op: str, got: tuple[int, float]) -> None:
-        n, total = self.expected
-        if got[0] != n or not math.isclose(got[1], total, rel_tol=1e-9, abs_tol=1e-9):
-            raise SystemExit(f"{op} returned different tensors: {got} != {self.expected}")
-
-    # -- one repeat: every operation in a fresh directory -------------------------------------------
-
-    def run_once(self, run_dir: Path) -> None:
-        self.bench_ceiling(run_dir / "disk")
-        self.bench_cairn(run_dir / "cairn")
-        self.bench_torch(run_dir / "torch")
-        if st is not None:
-            self.bench_safetensors(run_dir / "safetensors")
-
-    def bench_ceiling(self, d: Path) -> None:
-        d.mkdir()
-        path = d / "ceiling.bin"
-
-        def write() -> None:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                left, i = self.nbytes, 0
-                while left:
-                    view = memoryview(self.pool[i % len(self.pool)])[: min(BLOCK, left)]
-                    while view.nbytes:
-                        n = os.write(fd, view)
-                        view, left = view[n:], left - n
-                    i += 1
-            finally:
-                os.close(fd)
-            fsync_file_and_dir(path)
-
-        def read() -> None:
-            view = self.read_buffer
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                total = 0
-                while n := os.readv(fd, [view]):
-                    total += n
-            finally:
-                os.close(fd)
-            assert total == self.nbytes, (total, self.nbytes)
-
-        self.timed("disk: write + fsync", write)
-        if self.evict is not None:
-            self.evict([path])
-            self.cached_at_start.setdefault("disk: read, cold", []).append(resident_fraction([path]))
-            self.timed("disk: read, cold", read)
-        self.timed("disk: read, warm", read)
-        shutil.rmtree(d)
-
-    def bench_cairn(self, store: Path) -> None:
-        for op, state, step in (
-            ("cairn.save, new store", self.state, 0),
-            ("cairn.save, unchanged", self.state, 1),
-            ("cairn.save, 10% of tensors changed", self.changed_state, 2),
-        ):
-            gc.collect()
-            t0 = time.perf_counter()
-            info = cairn.save(store, state, step=step)
-            self.record(op, time.perf_counter() - t0, info.bytes_written)
-        self.load("cairn.load (verify=True)", store, lambda: cairn.load(store, "step-0"))
-        self.load("cairn.load (verify=False)", store, lambda: cairn.load(store, "step-0", verify=False))
+        store = base / "cairn"
+        self.save(sec, CAIRN_FULL, lambda: cairn_save(store, pair.first, 0), store)
+        self.save(sec, f"cairn.save (sync), {second}", lambda: cairn_save(store, pair.second, 1), store)
+        self.sections[sec].full[f"cairn.save (sync), {second}"] = CAIRN_FULL
+        if wl.full:
+            self.loads(wl, pair.first, store, CAIRN_LOADS, (CAIRN_LAZY, cairn_lazy), peer=False)
         shutil.rmtree(store)
 
-    def bench_torch(self, d: Path) -> None:
-        d.mkdir()
-        path = d / "state.pt"
+        astore = base / "cairn-async"
+        mgr = CairnAsync(astore)
+        try:
+            self.save(sec, CAIRN_ASYNC_FULL, lambda: mgr.save(pair.first, 1), astore)
+            self.save(sec, f"cairn async, {second}", lambda: mgr.save(pair.second, 2), astore)
+            self.sections[sec].full[f"cairn async, {second}"] = CAIRN_ASYNC_FULL
+            if wl.full:  # steady state: every tensor changed (negated: exact and undone below)
+                negate(pair.first)
+                try:
+                    self.save(sec, CAIRN_ASYNC_REUSED, lambda: mgr.save(pair.first, 3), astore)
+                finally:
+                    negate(pair.first)
+        finally:
+            mgr.close()
+        shutil.rmtree(astore)
 
-        def save() -> None:
-            torch.save(self.state, path)
-            fsync_file_and_dir(path)
+        first = next((p for p in wl.pairs if p.first is pair.first), pair)
+        if first is not pair:  # the same state as an earlier pair's: its peer saves stand for this one too
+            src = f"{wl.name}: save [{first.label}]"
+            for op in self.sections[src].peers:
+                if (sec, op) in self.samples:
+                    continue
+                self.samples[(sec, op)] = self.samples[(src, op)]
+                self.sections[sec].ops.append(op)
+                self.sections[sec].peers.append(op)
+            shutil.rmtree(base)
+            return
+        loaded: set[str] = set()
+        for system in self.peers:
+            out = base / system.save_name.replace(" ", "_")
+            self.save(sec, system.save_name, lambda s=system, o=out: s.save(o, pair.first), out, peer=True)  # type: ignore[misc]
+            if wl.full and system.fmt not in loaded:
+                loaded.add(system.fmt)
+                self.loads(
+                    wl,
+                    pair.first,
+                    out,
+                    [(system.load_name, system.load)],
+                    (system.lazy_name, system.lazy),
+                    True,
+                )
+            shutil.rmtree(out)
+        shutil.rmtree(base)
 
-        self.timed("torch.save + fsync", save)
-        self.load("torch.load", path, lambda: torch.load(path, weights_only=True, mmap=False))
-        shutil.rmtree(d)
+    # -- loads ----------------------------------------------------------------------------------------
 
-    def bench_safetensors(self, d: Path) -> None:
-        assert st is not None
-        d.mkdir()
-        path = d / "state.safetensors"
+    def loads(
+        self,
+        wl: Workload,
+        flat: Flat,
+        out: Path,
+        loaders: list[tuple[str, Callable[[Path, Flat], Any]]],
+        lazy: tuple[str, Callable[[Path, str, torch.Tensor], torch.Tensor]],
+        peer: bool,
+    ) -> None:
+        """Full loads (cold, then warm) of ``out``, each checked; then the lazy read of one tensor."""
+        if self.expected[0] is not flat:
+            self.expected = (flat, touch(nest(flat)))
+        expected = self.expected[1]
+        temps = ("cold", "warm") if self.evict is not None else ("warm",)
+        for name, fn in loaders:
+            for temp in temps:
+                sec = f"{wl.name}: full load, {temp}"
+                self.section(sec, temp, wl.nbytes)
+                self.cold(out, temp)
 
-        def save() -> None:
-            st.save_file(self.flat, path)
-            fsync_file_and_dir(path)
+                def run(fn: Callable[[Path, Flat], Any] = fn) -> tuple[int, float]:
+                    t0 = time.perf_counter()
+                    tree = fn(out, flat)
+                    got = touch(tree)
+                    self.last = time.perf_counter() - t0
+                    return got
 
-        self.timed("safetensors.save_file + fsync", save)
-        self.load("safetensors.load_file", path, lambda: st.load_file(path))
-        shutil.rmtree(d)
+                got, rss = measured(run)
+                if not same_checksum(got, expected):
+                    raise SystemExit(f"{name} returned different tensors: {got} != {expected}")
+                self.add(sec, name, Sample(self.last, rss_added=rss), peer)
+        key = wl.lazy_key
+        like = flat[key]
+        name, read = lazy
+        for temp in temps:
+            sec = f"{wl.name}: lazy read of {key.split('/', 1)[1]} ({like.nbytes / MiB:.1f} MiB), {temp}"
+            self.section(sec, temp, like.nbytes)
+            self.cold(out, temp)
+
+            def one() -> torch.Tensor:
+                t0 = time.perf_counter()
+                t = read(out, key, like)
+                touch(t)
+                self.last = time.perf_counter() - t0
+                return t
+
+            t, rss = measured(one)
+            if not torch.equal(t, like):
+                raise SystemExit(f"{name} returned a different tensor for {key}")
+            del t
+            self.add(sec, name, Sample(self.last, rss_added=rss), peer)
+
+    def cold(self, out: Path, temp: str) -> None:
+        """Empty the page cache of ``out``'s files before a cold run."""
+        if temp == "cold" and self.evict is not None:
+            paths = files_under(out)
+            self.evict(paths)
+            left = resident_fraction(paths)
+            if left is not None:
+                self.cached_at_start.append(left)
+
+    last = 0.0
+
+
+def negate(flat: Flat) -> None:
+    """Negate every tensor in place (exact; twice restores the state)."""
+    for t in {id(t): t for t in flat.values()}.values():
+        t.neg_()
 
 
 # -- the report ---------------------------------------------------------------------------------------
 
-SAVES = ["cairn.save, new store", "cairn.save, unchanged", "cairn.save, 10% of tensors changed"]
-SAVE_PEERS = ["torch.save + fsync", "safetensors.save_file + fsync"]
-LOADS = ["cairn.load (verify=True)", "cairn.load (verify=False)"]
-LOAD_PEERS = ["torch.load", "safetensors.load_file"]
+HEADER = [
+    "operation",
+    "seconds",
+    "GB/s",
+    "vs best peer",
+    "vs ceiling",
+    "blocking s",
+    "blocking vs best peer",
+    "bytes written",
+    "2nd save / full save",
+    "peak RSS added",
+]
 
 
-def sections(cold: bool) -> list[tuple[str, list[str], list[str], str]]:
-    """(title, operations, peers, disk ceiling) for each group of rows."""
-    out = [("save (durable)", [*SAVES, *SAVE_PEERS], SAVE_PEERS, "disk: write + fsync")]
-    for temp in ("cold", "warm") if cold else ("warm",):
-        ops = [f"{op}, {temp}" for op in [*LOADS, *LOAD_PEERS]]
-        out.append((f"load, {temp} cache", ops, ops[len(LOADS) :], f"disk: read, {temp}"))
+def ceiling_rates(ceil: dict[str, list[float | None]], nbytes: int) -> dict[str, float]:
+    """Bytes per second of each ceiling kind: save (the faster write), cold, warm."""
+    rate = {op: nbytes / s for op, xs in ceil.items() if (s := median(xs))}
+    out = {}
+    if writes := [rate[w] for w in WRITE if w in rate]:
+        out["save"] = max(writes)
+    for kind, op in (("cold", READ_COLD), ("warm", READ_WARM)):
+        if op in rate:
+            out[kind] = rate[op]
     return out
 
 
-def table(bench: Bench) -> tuple[str, list[dict[str, Any]]]:
-    med = {op: statistics.median(ts) for op, ts in bench.times.items()}
-    header = ["operation", "seconds", "GB/s", "time vs best peer", "time vs disk", "bytes written"]
-    rows: list[list[str]] = []
+def report(
+    runner: Runner, ceil: dict[str, list[float | None]], ceil_bytes: int
+) -> tuple[str, list[dict[str, Any]]]:
+    """The markdown table and one record per row (medians and ratios)."""
+    rates = ceiling_rates(ceil, ceil_bytes)
+    rows: list[list[str]] = [["**ceilings**", *[""] * (len(HEADER) - 1)]]
     records: list[dict[str, Any]] = []
-    for title, ops, peers, ceiling in sections(bench.evict is not None):
-        ceil = med.get(ceiling)
-        if ceil is not None:
-            rows.append(
-                [f"*{ceiling}* (ceiling)", f"{ceil:.3f}", f"{bench.nbytes / ceil / GB:.2f}", "", "1.00×", ""]
+    for op, xs in ceil.items():
+        s = median(xs)
+        rows.append([f"*{op}*", fmt(s), fmt(ceil_bytes / s / GB if s else None, ".2f"), *[""] * 7])
+        records.append({"section": "ceilings", "operation": op, "seconds": s, "bytes": ceil_bytes})
+    for name, sec in runner.sections.items():
+        rows.append([f"**{name}**", *[""] * (len(HEADER) - 1)])
+        med = {op: summarize(runner.samples[(name, op)]) for op in sec.ops}
+        best = min((med[p]["seconds"] for p in sec.peers), default=None)
+        best_block = min((med[p]["blocking"] for p in sec.peers), default=None)
+        rate = rates.get(sec.kind)
+        for op in sec.ops:
+            m = med[op]
+            s, block, wrote = m["seconds"], m["blocking"], m["bytes_written"]
+            full = med.get(sec.full.get(op, ""))
+            frac_t = s / full["seconds"] if full else None
+            frac_b = (
+                wrote / full["bytes_written"]
+                if full and wrote is not None and full["bytes_written"]
+                else None
             )
-        best = min((med[p] for p in peers if p in med), default=None)
-        for op in ops:
-            if op not in med:
-                continue
-            s = med[op]
-            written = bench.written.get(op)
-            w = statistics.median(written) if written else None
+            rec = {
+                "section": name,
+                "operation": op,
+                "peer": op in sec.peers,
+                "bytes": sec.nbytes,
+                **m,
+                "gb_per_s": sec.nbytes / s / GB,
+                "vs_best_peer": s / best if best else None,
+                "vs_ceiling": s * rate / sec.nbytes if rate else None,
+                "blocking_vs_best_peer": block / best_block if best_block and block is not None else None,
+                "full_save": sec.full.get(op),
+                "vs_full_save_time": frac_t,
+                "vs_full_save_bytes": frac_b,
+            }
+            records.append(rec)
             rows.append(
                 [
                     op,
-                    f"{s:.3f}",
-                    f"{bench.nbytes / s / GB:.2f}",
-                    "" if best is None else f"{s / best:.2f}×",
-                    "" if ceil is None else f"{s / ceil:.2f}×",
-                    "" if w is None else f"{int(w):,} ({w / bench.nbytes:.1%})",
+                    fmt(s),
+                    fmt(rec["gb_per_s"], ".2f"),
+                    fmt(rec["vs_best_peer"], ".2f", "×"),
+                    fmt(rec["vs_ceiling"], ".2f", "×"),
+                    fmt(block) if sec.kind == "save" else "",
+                    fmt(rec["blocking_vs_best_peer"], ".2f", "×") if sec.kind == "save" else "",
+                    "" if wrote is None else f"{wrote / GB:.3f} GB",
+                    "" if frac_t is None else f"{frac_t:.2f}× time, {fmt(frac_b, '.1%')} bytes",
+                    fmt(None if m["rss_added"] is None else m["rss_added"] / GB, ".2f", " GB"),
                 ]
             )
-            records.append(
+    return markdown(HEADER, rows), records
+
+
+def summarize(samples: list[Sample]) -> dict[str, Any]:
+    """Medians of one operation's samples."""
+    return {
+        "seconds": median([x.seconds for x in samples]),
+        "blocking": median([x.seconds if x.blocking is None else x.blocking for x in samples]),
+        "bytes_written": median([x.bytes_written for x in samples]),
+        "rss_added": median([x.rss_added for x in samples]),
+        "samples": len(samples),
+    }
+
+
+def targets(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The issue's targets as ratios from this run (speedups: >1 means cairn is faster)."""
+    by = {(r["section"], r["operation"]): r for r in records}
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, section: str, op: str, ref: str | None, value: float | None, how: str) -> None:
+        if value is not None:
+            out.append(
                 {
-                    "section": title,
-                    "operation": op,
-                    "seconds": s,
-                    "gb_per_s": bench.nbytes / s / GB,
-                    "vs_best_peer": None if best is None else s / best,
-                    "vs_disk": None if ceil is None else s / ceil,
-                    "bytes_written": w,
+                    "target": target,
+                    "section": section,
+                    "cairn": op,
+                    "reference": ref,
+                    "value": value,
+                    "how": how,
                 }
             )
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    def fastest_peer(section: str) -> dict[str, Any] | None:
+        peers = [r for r in records if r["section"] == section and r.get("peer")]
+        return min(peers, key=lambda r: r["seconds"]) if peers else None
 
-    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
-    return "\n".join(out), records
+    for r in records:
+        sec, op = r["section"], r["operation"]
+        if op == CAIRN_FULL and (p := fastest_peer(sec)):
+            add(
+                "durable sync save GB/s vs fastest peer",
+                sec,
+                op,
+                p["operation"],
+                p["seconds"] / r["seconds"],
+                "speedup",
+            )
+        if op in (CAIRN_ASYNC_FULL, CAIRN_ASYNC_REUSED) and (d := by.get((sec, "dcp.async_save"))):
+            add(
+                "async save caller blocking vs dcp.async_save",
+                sec,
+                op,
+                "dcp.async_save",
+                d["blocking"] / r["blocking"],
+                "speedup",
+            )
+        if sec.startswith("finetune") and r.get("vs_full_save_time") is not None:
+            add(
+                "fine-tune 2nd save time / full save",
+                sec,
+                op,
+                r["full_save"],
+                r["vs_full_save_time"],
+                "fraction",
+            )
+            add(
+                "fine-tune 2nd save bytes / full save",
+                sec,
+                op,
+                r["full_save"],
+                r["vs_full_save_bytes"],
+                "fraction",
+            )
+        if op == "cairn.load (verify=True)" and sec.endswith("cold") and (p := fastest_peer(sec)):
+            add(
+                "cold verified full load vs fastest peer",
+                sec,
+                op,
+                p["operation"],
+                p["seconds"] / r["seconds"],
+                "speedup",
+            )
+        if op == CAIRN_LAZY and (s := by.get((sec, "safe_open().get_tensor(key)"))):
+            add(
+                "lazy one-tensor read vs safe_open().get_tensor()",
+                sec,
+                op,
+                s["operation"],
+                s["seconds"] / r["seconds"],
+                "speedup",
+            )
+        if (
+            op == "cairn.load (verify=False)"
+            and sec.endswith("warm")
+            and (s := by.get((sec, "safetensors.load_file")))
+        ):
+            add(
+                "verify=False warm load vs safetensors warm load",
+                sec,
+                op,
+                s["operation"],
+                s["seconds"] / r["seconds"],
+                "speedup",
+            )
+    return out
 
 
-def machine_info(root: Path) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "safetensors": getattr(safetensors, "__version__", None),
-        "cairn": getattr(cairn, "__version__", None),
-        "torch_threads": torch.get_num_threads(),
-        "dir": str(root),
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    with contextlib.suppress(OSError, ValueError):
-        mem = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        info["mem_total_gb"] = int(mem["MemTotal"].split()[0]) * 1024 / GB
-        info["mem_available_gb"] = int(mem["MemAvailable"].split()[0]) * 1024 / GB
-    vfs = os.statvfs(root)
-    info["disk_free_gb"] = vfs.f_bavail * vfs.f_frsize / GB
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        info["fs_stat_f"] = subprocess.run(
-            ["stat", "-f", "-c", "%T", str(root)], capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    with contextlib.suppress(OSError):  # the mount holding root: longest mount point that is a prefix
-        best = ("", "", "")
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mnt, fstype = line.split()[:3]
-            if (str(root) + "/").startswith(mnt.rstrip("/") + "/") and len(mnt) >= len(best[1]):
-                best = (dev, mnt, fstype)
-        info["fs"] = f"{best[2]} on {best[0]} (mounted at {best[1]})"
-    return info
+def targets_table(rows: list[dict[str, Any]]) -> str:
+    return markdown(
+        ["target", "section", "cairn row", "reference", "value"],
+        [
+            [
+                t["target"],
+                t["section"],
+                t["cairn"],
+                t["reference"] or "",
+                f"{t['value']:.2f}× (>1: cairn faster)" if t["how"] == "speedup" else f"{t['value']:.1%}",
+            ]
+            for t in rows
+        ],
+    )
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--states", default=",".join(BUILDERS), help=f"comma-separated, of {', '.join(BUILDERS)}")
+    p.add_argument("--size-gb", type=float, default=None, help="shrink every state to about this many GB")
+    p.add_argument("--repeats", type=int, default=3, help="runs per operation, median reported; default 3")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: --size-gb {QUICK_GB} --repeats 1")
+    p.add_argument("--dir", type=Path, default=None, help="where to write (default bench/results/tmp)")
+    p.add_argument("--json", type=Path, default=None, help="write every sample and the medians here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random states; default 0")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.size_gb, args.repeats = args.size_gb or QUICK_GB, 1
+    args.states = [s.strip() for s in args.states.split(",") if s.strip()]
+    if unknown := set(args.states) - set(BUILDERS):
+        p.error(f"unknown states {sorted(unknown)}; choose from {', '.join(BUILDERS)}")
+    if (args.size_gb is not None and args.size_gb <= 0) or args.repeats < 1:
+        p.error("--size-gb must be positive and --repeats at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-gb", type=float, default=1.0, help="state size in GB (10**9 bytes); default 1.0")
-    p.add_argument("--repeats", type=int, default=3, help="runs per operation, median reported; default 3")
-    p.add_argument("--dir", type=Path, default=None, help="where to write (default bench/results/tmp)")
-    p.add_argument("--json", type=Path, default=None, help="write every raw timing here as JSON")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random state; default 0")
-    args = p.parse_args(argv)
-    if args.size_gb <= 0 or args.repeats < 1:
-        p.error("--size-gb must be positive and --repeats at least 1")
-
-    base = (args.dir or Path(__file__).resolve().parent / "results" / "tmp").resolve()
-    made = [d for d in (base, *base.parents) if not d.exists()]  # removed again at the end if empty
-    base.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="bench-store-", dir=base)).resolve()
-    try:
-        entries, how = plan_state(int(args.size_gb * GB))
-        t0 = time.perf_counter()
-        state, flat = build_state(entries, args.seed)
-        nbytes = sum(t.nbytes for t in flat.values())
+    args = parse(argv)
+    started = time.perf_counter()
+    with scratch_dir(args.dir, "bench-store-") as root:
         info = machine_info(root)
-        need = 2.5 * nbytes / GB
-        if info.get("mem_available_gb", need) < need:
-            print(f"warning: about {need:.1f} GB of memory is needed", file=sys.stderr)
-        if info["disk_free_gb"] < 1.3 * nbytes / GB:
-            raise SystemExit(f"not enough free disk in {root}: {info['disk_free_gb']:.1f} GB")
-        print(
-            f"state: {nbytes / GB:.3f} GB ({nbytes / MiB:.1f} MiB) in {len(flat)} float32 tensors; {how}; "
-            f"built in {time.perf_counter() - t0:.1f} s",
-            file=sys.stderr,
-        )
-        bench = Bench(root, state, flat, args)
+        runner = Runner(root, args)
+        log(f"cold loads: {runner.cache_method}")
+        ceil_bytes = int((args.size_gb or 1.5) * GB)
+        ceilings = Ceilings(root, ceil_bytes, args.seed)
+        ceil: dict[str, list[float | None]] = {}
         for r in range(args.repeats):
-            bench.repeat = r
-            run_dir = root / f"run-{r}"
-            run_dir.mkdir()
-            bench.run_once(run_dir)
-            shutil.rmtree(run_dir)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-        for d in made:  # deepest first
-            with contextlib.suppress(OSError):
-                d.rmdir()
+            for op, s in ceilings.run(runner.evict).items():
+                ceil.setdefault(op, []).append(s)
+                log(f"ceiling {r + 1}/{args.repeats} | {op}: {fmt(s)} s")
+        ceil_bytes = ceilings.nbytes
+        del ceilings
+        workloads: list[dict[str, Any]] = []
+        for name in args.states:
+            t0 = time.perf_counter()
+            wl = BUILDERS[name](args.seed, args.size_gb)
+            pairs = [
+                {"label": p.label, "first": describe(p.first), "changed_bytes": p.changed_bytes}
+                for p in wl.pairs
+            ]
+            workloads.append(
+                {"name": name, "description": wl.description, "bytes": wl.nbytes, "pairs": pairs}
+            )
+            log(
+                f"{name}: {wl.description}; {describe(wl.pairs[0].first)}; "
+                f"built in {time.perf_counter() - t0:.1f} s"
+            )
+            for r in range(args.repeats):
+                for pair in wl.pairs:
+                    runner.saves(wl, pair, r)
+            del wl
+    elapsed = time.perf_counter() - started
 
-    text, records = table(bench)
-    print(f"# cairn store benchmark: {nbytes / GB:.3f} GB state, median of {args.repeats}\n")
-    print(f"- state: {len(flat)} float32 tensors, {nbytes:,} bytes ({nbytes / MiB:.1f} MiB); {how}")
-    print(f"- 10% change: {round(0.1 * len(flat))} tensors, {bench.changed_bytes:,} bytes")
-    print(
-        f"- machine: {info['cpu_count']} CPUs ({info['cpu']}), "
-        f"{info.get('mem_total_gb', 0):.1f} GB memory ({info.get('mem_available_gb', 0):.1f} GB available), "
-        f"{info['platform']}"
+    text, records = report(runner, ceil, ceil_bytes)
+    goals = targets(records)
+    out = [f"# cairn store benchmark: median of {args.repeats}, {elapsed / 60:.1f} min in all\n"]
+    for w in workloads:
+        how = "; ".join(
+            f"{p['label']}: {p['first']}, {p['changed_bytes'] / GB:.3f} GB changed" for p in w["pairs"]
+        )
+        out.append(f"- state `{w['name']}`: {w['description']} ({how})")
+    out += machine_lines(info)
+    out.append(f"- cold loads: {runner.cache_method}")
+    if runner.cached_at_start:
+        out.append(f"- page cache left before cold runs (mincore): at most {max(runner.cached_at_start):.1%}")
+    out += ["", text, "", "## Targets", "", targets_table(goals), ""]
+    out.append(
+        "seconds: durable (saves) or until every page was read (loads); GB/s: the state's logical bytes over "
+        "that; 'vs' columns are time ratios (below 1.00× is faster); ceilings are rates, applied to each "
+        "row's bytes."
     )
-    print(
-        f"- software: Python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads), "
-        f"numpy {info['numpy']}, safetensors {info['safetensors']}, cairn {info['cairn']}"
-    )
-    print(
-        f"- disk: {info.get('fs', '?')}; stat -f: {info.get('fs_stat_f', '?')}; "
-        f"{info['disk_free_gb']:.1f} GB free"
-    )
-    print(f"- cold loads: {bench.cache_method}")
-    cached = [x for xs in bench.cached_at_start.values() for x in xs if x is not None]
-    if cached:
-        print(f"- page cache left before cold loads (mincore): at most {max(cached):.1%}")
-    print()
-    print(text)
-    print()
-    print(
-        "GB/s is the state's logical size over the time (so incremental saves can exceed the disk); "
-        "'time vs' columns are time ratios (below 1.00× is faster)."
-    )
-    if bench.evict is None:
-        print(f"\n**{NO_DROP}**")
-
+    if runner.evict is None:
+        out.append(f"\n**{NO_DROP}**")
+    print("\n".join(out))
     if args.json:
         doc = {
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "machine": info,
-            "state": {
-                "bytes": nbytes,
-                "tensors": len(flat),
-                "scaling": how,
-                "changed_tensors": round(0.1 * len(flat)),
-                "changed_bytes": bench.changed_bytes,
-            },
-            "cold_loads": bench.cache_method,
-            "cache_dropped": bench.evict is not None,
-            "page_cache_left_before_cold": bench.cached_at_start,
-            "seconds": bench.times,
-            "bytes_written": bench.written,
-            "median": records,
+            "elapsed_s": elapsed,
+            "cold_loads": runner.cache_method,
+            "cache_dropped": runner.evict is not None,
+            "page_cache_left_before_cold": runner.cached_at_start,
+            "workloads": workloads,
+            "ceilings": {"bytes": ceil_bytes, "seconds": ceil},
+            "rows": records,
+            "targets": goals,
+            "samples": [
+                {"section": s, "operation": op, "samples": [asdict(x) for x in xs]}
+                for (s, op), xs in runner.samples.items()
+            ],
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
-        print(f"\nraw timings: {args.json}")
+        write_json(args.json, doc)
+        print(f"\nJSON: {args.json}")
     return 0
 
 
