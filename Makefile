@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-SOURCES := src tests examples bench
+SOURCES := src tests examples bench fuzz
 
 .PHONY: demo test lint typecheck pytest bench clean
 

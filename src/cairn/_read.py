@@ -106,6 +106,17 @@ class TensorReader:
                     mapped.append(replace_mmap(self, False).read(entry))
 
             return lambda: mapped[0], [map_and_hash]
+        map_concat = getattr(self.backend, "map_concat", None)
+        if whole and self.mmap and entry.nbytes >= MMAP_MIN_BYTES and map_concat is not None:
+            view = map_concat([blob_path(c.blob) for c in chunks])  # one region, no copy
+            if view is not None and view.nbytes == entry.nbytes:
+                value = from_buffer(entry.kind, entry.dtype, shape, view)
+                jobs: list[Job] = []
+                pos = 0
+                for chunk in chunks:
+                    jobs.append(partial(self._check_hash, entry, chunk, view[pos : pos + chunk.nbytes]))
+                    pos += chunk.nbytes
+                return lambda: value, jobs
         try:
             out = allocate(entry.kind, entry.dtype, shape)
         except (MemoryError, RuntimeError) as e:  # numpy raises MemoryError, torch RuntimeError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import threading
 import time as _time
@@ -342,9 +343,16 @@ class Store:
                 f"the manifest would be {len(data)} bytes, over the reader limit of {LIMITS.manifest_bytes}: "
                 "keep large values in tensors, not in plain Python values"
             )
-        if not self.backend.create(f"checkpoints/{name}.json", data, replace=overwrite):
+        path = f"checkpoints/{name}.json"
+        if not self.backend.create(path, data, replace=overwrite):
             raise CheckpointExistsError(f"checkpoint {name!r} was committed by another writer meanwhile")
-        self.backend.flush()  # the commit is durable
+        try:
+            self.backend.flush()  # the commit is durable
+        except BaseException:
+            if not overwrite:  # the save failed: take its name back, so what is listed is what was saved
+                with contextlib.suppress(Exception):  # (a crash may still keep it: it is complete, no harm)
+                    self.backend.delete(path)
+            raise
         with self._lock:
             self._manifests.pop(name, None)
         return CheckpointInfo.from_manifest(

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from cairn.backends._mapping import map_files
 from cairn.backends.base import BackendProperties, Buffer, check_path
 from cairn.errors import BackendError, StoreLockedError
 
@@ -156,7 +157,7 @@ class LocalBackend:
         self._anchored: set[str] = set()  # directories whose whole chain of entries up to the root is durable
         self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
-        self._failed: str | None = None
+        self._failed: tuple[int | None, str] | None = None  # (errno, what) of a failed fsync: final
         self._direct = direct_io
 
     @property
@@ -224,9 +225,11 @@ class LocalBackend:
 
     def _check_usable(self) -> None:
         if self._failed is not None:
+            code, what = self._failed
             raise BackendError(
-                f"{self.root}: an earlier fsync failed ({self._failed}); data written since may be lost, so "
-                "this store handle refuses to write more. Check the disk, then open the store again."
+                code,
+                f"{self.root}: an earlier fsync failed ({what}); data written since may be lost, so "
+                "this store handle refuses to write more. Check the disk, then open the store again.",
             )
 
     def _file(self, path: str, create_parent: bool = False) -> str:
@@ -269,7 +272,7 @@ class LocalBackend:
                 try:
                     os.fsync(fd)
                 except OSError as e:
-                    self._failed = f"fsync {path}: {e.strerror or e}"
+                    self._failed = (e.errno, f"fsync {path}: {e.strerror or e}")
                     raise
             finally:
                 os.close(fd)
@@ -305,7 +308,7 @@ class LocalBackend:
                 with self._lock:
                     self._dirty.update(dirs[i:])
                     self._pending |= names
-                    self._failed = f"fsync {d}: {e.strerror or e}"  # final: never retried to a false success
+                    self._failed = (e.errno, f"fsync {d}: {e.strerror or e}")  # final: never retried
                 raise _error("fsync directory", d, e) from None
         with self._lock:  # every flushed directory's chain up to the root was in this flush, or anchored
             self._anchored.update(dirs)
@@ -377,6 +380,22 @@ class LocalBackend:
             raise _error("map", path, e) from None
         finally:
             os.close(fd)
+
+    def map_concat(self, paths: list[str]) -> memoryview | None:
+        """Like :meth:`map`, for several files mapped back to back as one contiguous region (each file
+        but the last a whole number of pages); None where that cannot be done."""
+        fds: list[int] = []
+        try:
+            for path in paths:
+                fds.append(self._open(path))
+            return map_files(fds, [os.fstat(fd).st_size for fd in fds])
+        except BackendError:
+            raise
+        except OSError as e:
+            raise _error("map", paths[min(len(fds), len(paths) - 1)], e) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def list(self, prefix: str) -> Iterator[str]:
         check_path(prefix)
