@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import gc
+import mmap
 import os
 import stat
 import threading
@@ -303,3 +305,22 @@ def test_local_o_direct_write_error_is_typed(tmp_path: Path, monkeypatch: pytest
     monkeypatch.undo()
     assert info.value.errno == errno.ENOSPC
     assert b.size("blobs/ab/x") is None and os.listdir(tmp_path / "tmp") == []
+
+
+def test_local_map_concat_is_one_private_region(tmp_path: Path) -> None:
+    """Chunk files mapped back to back make one zero-copy, copy-on-write view; parts that are not whole
+    pages cannot be placed back to back, so the caller is told to read instead."""
+    b = LocalBackend(tmp_path)
+    page = mmap.PAGESIZE
+    parts = [os.urandom(page * 3), os.urandom(page), os.urandom(123)]
+    for i, data in enumerate(parts):
+        b.create(f"blobs/ab/{i}", data)
+    view = b.map_concat(["blobs/ab/0", "blobs/ab/1", "blobs/ab/2"])
+    assert view is not None and bytes(view) == b"".join(parts)
+    view[0] = view[0] ^ 0xFF  # private: the file does not change
+    assert b.read("blobs/ab/0") == parts[0]
+    assert b.map_concat(["blobs/ab/2", "blobs/ab/0"]) is None  # 123 bytes is not whole pages
+    with pytest.raises(FileNotFoundError):
+        b.map_concat(["blobs/ab/0", "blobs/ab/missing"])
+    del view
+    gc.collect()  # the region is unmapped with its last view (no crash, no leak of the mapping)

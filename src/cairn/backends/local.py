@@ -389,7 +389,7 @@ class LocalBackend:
             for path in paths:
                 fds.append(self._open(path))
             return map_files(fds, [os.fstat(fd).st_size for fd in fds])
-        except BackendError:
+        except (BackendError, FileNotFoundError):
             raise
         except OSError as e:
             raise _error("map", paths[min(len(fds), len(paths) - 1)], e) from None
