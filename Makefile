@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := src tests examples bench fuzz
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench soak clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -30,5 +30,12 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_store.py --json bench/results/store.json && $(BIN)/python bench/bench_training.py --json bench/results/training.json
 
+# the reliability suite at soak size (thousands of trials, an hour of fuzzing: see docs/reliability.md)
+soak: $(STAMP)
+	rm -f soak-report.jsonl
+	CAIRN_SOAK=1 HYPOTHESIS_PROFILE=thorough CAIRN_RELIABILITY_REPORT=$(CURDIR)/soak-report.jsonl \
+		$(BIN)/pytest -n 2 -q -p no:cacheprovider tests/reliability
+	$(BIN)/python tests/reliability/report.py soak-report.jsonl
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-out
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis demo-out soak-report.jsonl

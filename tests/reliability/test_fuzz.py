@@ -6,6 +6,7 @@ crashing input saved under ``tmp_path`` and its traceback shown. Long runs: see 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,8 +21,8 @@ from reliability.workers.syscall_strace import worker_env
 pytest.importorskip("atheris", reason="atheris is not installed (pip install -e '.[dev]' on Linux)")
 
 FUZZ = Path(__file__).resolve().parents[2] / "fuzz"
-SECONDS = trials(ci=10, soak=3600)
-"""Seconds per harness: 10 in CI, an hour in the soak run."""
+SECONDS = int(os.environ.get("CAIRN_FUZZ_SECONDS") or trials(ci=10, soak=3600))
+"""Seconds per harness: 10 in CI, an hour in the soak run (``CAIRN_FUZZ_SECONDS`` overrides both)."""
 
 
 @pytest.mark.parametrize("harness", ["fuzz_manifest", "fuzz_store"])
