@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from cairn._manifest import BLOB_RE
 from cairn._read import blob_path
 from cairn.backends._locks import lock_owner
-from cairn.errors import CorruptCheckpointError, UnsupportedVersionError
+from cairn.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedVersionError
 
 if TYPE_CHECKING:
     from cairn._store import Store
@@ -58,7 +58,9 @@ def collect_garbage(store: Store, *, grace: float = DEFAULT_GRACE, dry_run: bool
         live: set[str] = set()
         for name in store.names():
             try:
-                live |= store.manifest(name).blobs()
+                live |= store.manifest(name, cached=False).blobs()
+            except CheckpointNotFoundError:
+                continue  # deleted since it was listed: its blobs are no longer needed by it
             except (CorruptCheckpointError, UnsupportedVersionError) as e:
                 raise type(e)(
                     f"{e} -- gc stopped without deleting anything: the blobs of checkpoint {name!r} cannot "

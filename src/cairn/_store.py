@@ -147,7 +147,7 @@ class Store:
         self.fingerprints = fingerprints
         self._seen: dict[tuple[int, int], tuple[bytes, str]] = {}  # (address, size) -> (xxh3, blake3)
         self._previous: dict[tuple[int, int], tuple[bytes, str]] = {}
-        self._manifests: dict[str, tuple[int, Manifest]] = {}
+        self._manifests: dict[str, tuple[tuple[int, float | None], Manifest]] = {}
         self._lock = threading.Lock()
         self.config = self._open(create, chunk_size)
 
@@ -199,10 +199,11 @@ class Store:
                 out.append(name)  # anything else in checkpoints/ is not a checkpoint cairn wrote
         return sorted(out)
 
-    def manifest(self, name: str) -> Manifest:
-        """The validated manifest of checkpoint ``name`` (``"latest"`` allowed)."""
+    def manifest(self, name: str, *, cached: bool = True) -> Manifest:
+        """The validated manifest of checkpoint ``name`` (``"latest"`` allowed). A manifest read before is
+        reused while its file's size and modification time are unchanged (``cached=False``: read anew)."""
         if name == "latest":
-            return self.manifest(self._latest_name())
+            return self.manifest(self._latest_name(), cached=cached)
         check_name(name)
         path = f"checkpoints/{name}.json"
         try:
@@ -213,10 +214,11 @@ class Store:
             raise CheckpointNotFoundError(
                 f"no checkpoint {name!r} in {self.url}; `cairn ls {self.url}` lists the checkpoints"
             )
+        stamp = (size, self.backend.modified(path))  # a replaced manifest (overwrite=True) has a new one
         with self._lock:
-            cached = self._manifests.get(name)
-        if cached is not None and cached[0] == size:
-            return cached[1]
+            known = self._manifests.get(name)
+        if cached and known is not None and known[0] == stamp:
+            return known[1]
         if size > LIMITS.manifest_bytes:
             limit = LIMITS.manifest_bytes
             raise ManifestError(f"{self.url}/{path}: {size} bytes is over the {limit}-byte limit")
@@ -224,7 +226,7 @@ class Store:
         if m.name != name:
             raise ManifestError(f"{self.url}/{path}: the manifest says it is {m.name!r}, not {name!r}")
         with self._lock:
-            self._manifests[name] = (size, m)
+            self._manifests[name] = (stamp, m)
         return m
 
     def list(
@@ -236,6 +238,8 @@ class Store:
         for name in self.names():
             try:
                 infos.append(CheckpointInfo.from_manifest(self.manifest(name)))
+            except CheckpointNotFoundError:
+                continue  # deleted since it was listed (retention running meanwhile)
             except (CorruptCheckpointError, UnsupportedVersionError) as e:
                 if on_damaged is None:
                     import warnings
@@ -453,8 +457,9 @@ class Store:
     def pin(self, name: str) -> None:
         """Pin checkpoint ``name`` (``"latest"`` allowed) so that no retention policy ever deletes it."""
         name = self.manifest(name).name
-        self.backend.create(f"pins/{name}", b"")
-        self.backend.flush()
+        with self.backend.lock("gc", shared=True):  # gc(grace=0) deletes temp files of writers without it
+            self.backend.create(f"pins/{name}", b"")
+            self.backend.flush()
 
     def unpin(self, name: str) -> None:
         """Remove the pin of checkpoint ``name``, if any."""

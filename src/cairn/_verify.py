@@ -11,7 +11,12 @@ import blake3
 import numpy as np
 
 from cairn._read import blob_path
-from cairn.errors import BackendError, CorruptCheckpointError, UnsupportedVersionError
+from cairn.errors import (
+    BackendError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsupportedVersionError,
+)
 
 if TYPE_CHECKING:
     from cairn._store import Store
@@ -82,12 +87,17 @@ def verify_store(
     report = VerifyReport()
     refs: dict[str, tuple[int, list[tuple[str, str]]]] = {}
     for name in store.names() if names is None else names:
-        report.checkpoints.append(name)
         try:
             m = store.manifest(name)
+        except CheckpointNotFoundError:
+            if names is None:
+                continue  # deleted since it was listed (retention running meanwhile): nothing to check
+            raise
         except (CorruptCheckpointError, UnsupportedVersionError) as e:
+            report.checkpoints.append(name)
             report.problems.append(Problem(name, str(e)))
             continue
+        report.checkpoints.append(name)
         for t in m.tensors:
             for s in t.shards:
                 for c in s.chunks:
