@@ -67,6 +67,7 @@ def collect_garbage(store: Store, *, grace: float = DEFAULT_GRACE, dry_run: bool
                     "be known. Delete it (cairn forget / Store.delete) or restore it from a copy, then gc."
                 ) from None
         now = time.time()
+        sizes: dict[str, int] = {}
         for path in sorted(backend.list("blobs")):
             blob = path.rpartition("/")[2]
             if not BLOB_RE.fullmatch(blob) or path != blob_path(blob):
@@ -81,12 +82,25 @@ def collect_garbage(store: Store, *, grace: float = DEFAULT_GRACE, dry_run: bool
                 report.blobs_deleted += 1
                 report.bytes_freed += size
                 report.deleted.append(path)
+                sizes[path] = size
         for path in sorted(backend.list("tmp")):
             if now - (backend.modified(path) or now) >= grace:
                 report.temp_deleted += 1
                 report.deleted.append(path)
         if not dry_run:
-            for path in report.deleted:
+            for path in list(report.deleted):
+                if path in sizes and grace > 0 and _young(backend.modified(path), grace):
+                    # reused since it was looked at, by a save this lock cannot see: spare it
+                    report.deleted.remove(path)
+                    report.blobs_deleted -= 1
+                    report.bytes_freed -= sizes[path]
+                    report.blobs_spared += 1
+                    continue
                 backend.delete(path)
             backend.flush()
     return report
+
+
+def _young(modified: float | None, grace: float) -> bool:
+    """True for a file modified less than ``grace`` seconds ago (or gone: nothing to delete)."""
+    return modified is None or time.time() - modified < grace

@@ -330,8 +330,9 @@ class Store:
         name, step, tree, metrics, metadata, started, overwrite = (
             p.name, p.step, p.tree, p.metrics, p.metadata, p.started, p.overwrite
         )  # fmt: skip
-        entries, written, nblobs = self._write_tensors(p.arrays)
+        entries, written, nblobs, reused = self._write_tensors(p.arrays)
         self.backend.flush()  # every blob durable before the manifest can name it
+        self._rewrite_gone(reused)
         manifest = Manifest(
             name=name,
             step=step,
@@ -363,10 +364,21 @@ class Store:
             manifest, bytes_written=written, blobs_written=nblobs, seconds=_time.perf_counter() - started
         )
 
+    def _rewrite_gone(self, reused: builtins.list[tuple[str, memoryview]]) -> None:
+        """Write again the reused blobs that are gone since (deleted by a gc that cannot see this save,
+        another host's, which had looked at them before their age was refreshed), before a manifest
+        names them; durable on return."""
+        gone = [(blob, view) for blob, view in reused if self.backend.size(blob_path(blob)) != view.nbytes]
+        for blob, view in gone:
+            self.backend.create(blob_path(blob), view)
+        if gone:
+            self.backend.flush()
+
     def _write_tensors(
         self, arrays: builtins.list[tuple[str, _codec.EncodedArray]]
-    ) -> tuple[builtins.list[TensorEntry], int, int]:
-        """Write every chunk the store lacks (in parallel); the entries, bytes and blobs written."""
+    ) -> tuple[builtins.list[TensorEntry], int, int, builtins.list[tuple[str, memoryview]]]:
+        """Write every chunk the store lacks (in parallel); the entries, bytes and blobs written, and the
+        chunks that were already there (blob, data)."""
         size = self.config.chunk_size
         jobs = [
             (i, arr.data[pos : pos + size])
@@ -379,18 +391,21 @@ class Store:
         self._previous = {}
         chunks: builtins.list[tuple[Chunk, ...]] = [() for _ in arrays]
         written = nblobs = 0
+        reused: builtins.list[tuple[str, memoryview]] = []
         for (i, view), (blob, new) in zip(jobs, results, strict=True):
             chunks[i] += (Chunk(blob, 0, view.nbytes),)
             if new:
                 written += view.nbytes
                 nblobs += 1
+            else:
+                reused.append((blob, view))
         entries = [
             TensorEntry(
                 path, arr.kind, arr.dtype.name, arr.shape, (Shard((0,) * len(arr.shape), arr.shape, c),)
             )
             for (path, arr), c in zip(arrays, chunks, strict=True)
         ]
-        return entries, written, nblobs
+        return entries, written, nblobs, reused
 
     def _put_chunk(self, data: memoryview) -> tuple[str, bool]:
         blob = self._known_hash(data) if self.fingerprints else blake3.blake3(data).hexdigest()

@@ -113,6 +113,20 @@ def _copy_through(fd: int, flags: int, view: memoryview, buffer: mmap.mmap) -> b
     return True
 
 
+Stamp = tuple[int, int]
+"""What identifies one file behind a name: inode number and change time (ns)."""
+
+
+def _stamp(path: str) -> Stamp | None:
+    """The :data:`Stamp` of ``path`` (not following a symlink), or None if there is nothing there (or it
+    cannot be looked at: then the write that follows reports why)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
 def _error(op: str, path: str, e: OSError) -> BackendError:
     hint = " (the disk is full: free space and save again)" if e.errno == errno.ENOSPC else ""
     err = BackendError(e.errno, f"{op} {path}: {e.strerror or e}{hint}")
@@ -152,8 +166,11 @@ class LocalBackend:
         # the root itself may be a symlink (scratch directories on clusters often are); nothing inside may
         self.root = os.path.realpath(os.fspath(root))
         self._dirty: set[str] = set()
-        self._pending: set[str] = set()  # names waiting for the next flush to become durable
-        self._durable: set[str] = set()  # names made durable by a flush of this handle: nothing to redo
+        # name -> its stamp (inode, ctime), waiting for the next flush to become durable / made durable by
+        # a flush of this handle: nothing to redo while the stamp is unchanged (another process may have
+        # deleted and re-created the name since, unflushed; inode numbers alone are reused)
+        self._pending: dict[str, Stamp | None] = {}
+        self._durable: dict[str, Stamp] = {}
         self._anchored: set[str] = set()  # directories whose whole chain of entries up to the root is durable
         self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
@@ -212,12 +229,12 @@ class LocalBackend:
             with self._lock:
                 self._dirty.add(os.path.dirname(d))
 
-    def _mark_chain(self, directory: str, name: str | None = None) -> None:
+    def _mark_chain(self, directory: str, name: str | None = None, stamp: Stamp | None = None) -> None:
         """Mark ``directory`` for fsync, and its parents up to one known durable: names others created
         (a racing writer, a crashed process) are made durable before our commit relies on them."""
         with self._lock:
             if name is not None:
-                self._pending.add(name)
+                self._pending[name] = stamp
             self._dirty.add(directory)
             while directory not in self._anchored and len(directory) > len(self.root):
                 directory = os.path.dirname(directory)
@@ -247,11 +264,17 @@ class LocalBackend:
             raise
         except OSError as e:
             raise _error("create directory for", path, e) from None
-        if os.path.lexists(final) and not replace:
+        existing = _stamp(final)
+        if existing is not None and not replace:
             with contextlib.suppress(OSError):  # refresh its age for the garbage collector (git's trick)
                 os.utime(final, follow_symlinks=False)
-            if final not in self._durable:
-                self._mark_chain(os.path.dirname(final), final)
+            refreshed = _stamp(final)  # (the refresh changed its ctime)
+            with self._lock:
+                durable = self._durable.get(final) == existing
+                if durable and refreshed is not None:
+                    self._durable[final] = refreshed
+            if not durable:
+                self._mark_chain(os.path.dirname(final), final, refreshed)
             return False
         try:
             tmp_dir = self._dir("tmp", create=True)
@@ -289,14 +312,14 @@ class LocalBackend:
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        self._mark_chain(os.path.dirname(final), final)  # also when a racing writer linked it first
+        self._mark_chain(os.path.dirname(final), final, _stamp(final))  # also when a racer linked it first
         return created
 
     def flush(self) -> None:
         self._check_usable()
         with self._lock:
             dirs, self._dirty = sorted(self._dirty, key=len, reverse=True), set()
-            names, self._pending = self._pending, set()
+            names, self._pending = self._pending, {}
         for i, d in enumerate(dirs):  # deepest first, so a new directory's entry is synced after its contents
             try:
                 fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -307,12 +330,12 @@ class LocalBackend:
             except OSError as e:
                 with self._lock:
                     self._dirty.update(dirs[i:])
-                    self._pending |= names
+                    self._pending.update(names)
                     self._failed = (e.errno, f"fsync {d}: {e.strerror or e}")  # final: never retried
                 raise _error("fsync directory", d, e) from None
         with self._lock:  # every flushed directory's chain up to the root was in this flush, or anchored
             self._anchored.update(dirs)
-            self._durable |= names
+            self._durable.update((n, i) for n, i in names.items() if i is not None)
 
     # -- reading --------------------------------------------------------------------------------------
 
@@ -462,5 +485,5 @@ class LocalBackend:
             raise _error("delete", path, e) from None
         full = os.path.join(self.root, path)
         with self._lock:
-            self._durable.discard(full)
+            self._durable.pop(full, None)
         self._mark_chain(os.path.dirname(full))
