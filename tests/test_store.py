@@ -294,7 +294,7 @@ def test_overwrite_replaces_a_checkpoint_atomically(tmp_path: Path) -> None:
 def test_unchanged_chunks_are_not_hashed_again_but_every_change_is_seen(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Through one handle, a chunk whose memory holds the same bytes as at the previous save keeps its
+    """A chunk whose memory holds the same bytes as at the process's last save into the store keeps its
     name without BLAKE3; every way of changing bytes (in place, through .data, through a numpy view)
     is still seen, because the fingerprint reads the bytes."""
     hashed: list[int] = []
@@ -325,3 +325,6 @@ def test_unchanged_chunks_are_not_hashed_again_but_every_change_is_seen(
     hashed.clear()
     cairn.Store(tmp_path, fingerprints=False).save(state, step=3)
     assert len(hashed) == 5
+    hashed.clear()
+    cairn.save(tmp_path, state, step=4)  # another handle of the same store, in the same process
+    assert hashed == []

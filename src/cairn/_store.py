@@ -14,10 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import blake3
-import numpy as np
-import xxhash
 
 from cairn import _codec
+from cairn._fingerprints import ChunkNames, chunk_names
 from cairn._gc import DEFAULT_GRACE, GCReport, collect_garbage
 from cairn._info import CheckpointInfo, encode_metrics
 from cairn._manifest import (
@@ -130,9 +129,10 @@ class Store:
     ``Store(path)`` opens an existing store; ``create=True`` also creates one when ``path`` is a new or
     empty directory (with ``chunk_size`` fixed from then on). Readers check the format version first.
 
-    Saves through one handle are incremental in time as well as in bytes: a chunk whose memory holds
-    the same bytes as at the handle's previous save (same address, same xxh3-128 fingerprint) keeps
-    its BLAKE3 name without being hashed again. ``fingerprints=False`` hashes every chunk every time.
+    Saves are incremental in time as well as in bytes: a chunk whose memory holds the same bytes as at
+    the process's last save into this store (same address, same xxh3-128 fingerprint) keeps its BLAKE3
+    name without being hashed again (see ``cairn._fingerprints``). ``fingerprints=False`` hashes every
+    chunk every time.
     """
 
     def __init__(
@@ -145,8 +145,6 @@ class Store:
     ) -> None:
         self.backend: Backend = open_backend(target)
         self.fingerprints = fingerprints
-        self._seen: dict[tuple[int, int], tuple[bytes, str]] = {}  # (address, size) -> (xxh3, blake3)
-        self._previous: dict[tuple[int, int], tuple[bytes, str]] = {}
         self._manifests: dict[str, tuple[tuple[int, float | None], Manifest]] = {}
         self._lock = threading.Lock()
         self.config = self._open(create, chunk_size)
@@ -385,10 +383,13 @@ class Store:
             for i, (_, arr) in enumerate(arrays)
             for pos in range(0, arr.nbytes, size)
         ]
-        self._seen, self._previous = {}, self._seen
-        with ThreadPoolExecutor(_SAVE_WORKERS, thread_name_prefix="cairn-save") as pool:
-            results = list(pool.map(lambda job: self._put_chunk(job[1]), jobs))
-        self._previous = {}
+        names = chunk_names.begin(self.url) if self.fingerprints else None
+        try:
+            with ThreadPoolExecutor(_SAVE_WORKERS, thread_name_prefix="cairn-save") as pool:
+                results = list(pool.map(lambda job: self._put_chunk(job[1], names), jobs))
+        finally:
+            if names is not None:
+                chunk_names.end(self.url, names)
         chunks: builtins.list[tuple[Chunk, ...]] = [() for _ in arrays]
         written = nblobs = 0
         reused: builtins.list[tuple[str, memoryview]] = []
@@ -407,25 +408,14 @@ class Store:
         ]
         return entries, written, nblobs, reused
 
-    def _put_chunk(self, data: memoryview) -> tuple[str, bool]:
-        blob = self._known_hash(data) if self.fingerprints else blake3.blake3(data).hexdigest()
+    def _put_chunk(self, data: memoryview, names: ChunkNames | None) -> tuple[str, bool]:
+        blob = names.name(data) if names is not None else blake3.blake3(data).hexdigest()
         path = blob_path(blob)
         size = self.backend.size(path)
         if size is not None and size != data.nbytes:  # a damaged copy under this name: replace it
             self.backend.delete(path)
         # when the blob is there, create writes nothing but still makes its name durable for our commit
         return blob, self.backend.create(path, data)
-
-    def _known_hash(self, data: memoryview) -> str:
-        """The BLAKE3 name of chunk ``data``; not recomputed when the same memory held the same bytes at
-        this handle's previous save (an xxh3-128 fingerprint, ~4x cheaper than BLAKE3, says so)."""
-        address = np.frombuffer(data, dtype=np.uint8).ctypes.data if data.nbytes else 0
-        key = (address, data.nbytes)
-        fingerprint = xxhash.xxh3_128_digest(data)
-        known = self._previous.get(key)
-        blob = known[1] if known is not None and known[0] == fingerprint else blake3.blake3(data).hexdigest()
-        self._seen[key] = (fingerprint, blob)
-        return blob
 
     # -- loading --------------------------------------------------------------------------------------
 

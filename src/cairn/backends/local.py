@@ -21,6 +21,7 @@ import stat
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -127,6 +128,34 @@ def _stamp(path: str) -> Stamp | None:
     return st.st_ino, st.st_ctime_ns
 
 
+_FSYNC_THREADS = 16
+_DURABLE: dict[str, dict[str, Stamp]] = {}
+_DURABLE_LOCK = threading.Lock()
+_DURABLE_MAX = 1 << 20  # names remembered per store; beyond, forgotten (they are only flushed again)
+
+
+def _durable_names(root: str) -> dict[str, Stamp]:
+    """The names under ``root`` this process made durable (their stamps then), shared by its handles."""
+    with _DURABLE_LOCK:
+        names = _DURABLE.setdefault(root, {})
+        if len(names) > _DURABLE_MAX:
+            names.clear()
+        return names
+
+
+def _fsync_dir(path: str) -> tuple[str, OSError] | None:
+    """fsync directory ``path``; the error, if any (returned, so that a pool can run many)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return path, e
+    return None
+
+
 def _error(op: str, path: str, e: OSError) -> BackendError:
     hint = " (the disk is full: free space and save again)" if e.errno == errno.ENOSPC else ""
     err = BackendError(e.errno, f"{op} {path}: {e.strerror or e}{hint}")
@@ -167,10 +196,10 @@ class LocalBackend:
         self.root = os.path.realpath(os.fspath(root))
         self._dirty: set[str] = set()
         # name -> its stamp (inode, ctime), waiting for the next flush to become durable / made durable by
-        # a flush of this handle: nothing to redo while the stamp is unchanged (another process may have
+        # a flush in this process: nothing to redo while the stamp is unchanged (another process may have
         # deleted and re-created the name since, unflushed; inode numbers alone are reused)
         self._pending: dict[str, Stamp | None] = {}
-        self._durable: dict[str, Stamp] = {}
+        self._durable = _durable_names(self.root)  # shared by the handles of this process
         self._anchored: set[str] = set()  # directories whose whole chain of entries up to the root is durable
         self._safe_dirs: set[str] = set()
         self._lock = threading.Lock()
@@ -318,18 +347,24 @@ class LocalBackend:
     def flush(self) -> None:
         self._check_usable()
         with self._lock:
-            dirs, self._dirty = sorted(self._dirty, key=len, reverse=True), set()
+            dirs, self._dirty = self._dirty, set()
             names, self._pending = self._pending, {}
-        for i, d in enumerate(dirs):  # deepest first, so a new directory's entry is synced after its contents
-            try:
-                fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError as e:
+        # deepest first, so a new directory's entry is synced after its contents; one depth at a time, the
+        # directories of a depth all at once (a save touches up to 256 blob directories)
+        levels = sorted({d.count(os.sep) for d in dirs}, reverse=True)
+        for depth in levels:
+            level = [d for d in dirs if d.count(os.sep) == depth]
+            if len(level) > 1:
+                with ThreadPoolExecutor(
+                    min(len(level), _FSYNC_THREADS), thread_name_prefix="cairn-fsync"
+                ) as pool:
+                    errors = [e for e in pool.map(_fsync_dir, level) if e is not None]
+            else:
+                errors = [e for e in map(_fsync_dir, level) if e is not None]
+            if errors:
+                d, e = errors[0]
                 with self._lock:
-                    self._dirty.update(dirs[i:])
+                    self._dirty.update(x for x in dirs if x.count(os.sep) <= depth)
                     self._pending.update(names)
                     self._failed = (e.errno, f"fsync {d}: {e.strerror or e}")  # final: never retried
                 raise _error("fsync directory", d, e) from None
