@@ -5,7 +5,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
-import threading
 import time as _time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from cairn._manifest import (
     parse_manifest,
     strict_json_loads,
 )
+from cairn._manifest_cache import manifests
 from cairn._read import TensorReader, blob_path
 from cairn._sniff import describe_foreign
 from cairn._tree import decode_tree, encode_tree, key_matcher
@@ -145,8 +145,6 @@ class Store:
     ) -> None:
         self.backend: Backend = open_backend(target)
         self.fingerprints = fingerprints
-        self._manifests: dict[str, tuple[tuple[int, float | None], Manifest]] = {}
-        self._lock = threading.Lock()
         self.config = self._open(create, chunk_size)
 
     @property
@@ -198,8 +196,8 @@ class Store:
         return sorted(out)
 
     def manifest(self, name: str, *, cached: bool = True) -> Manifest:
-        """The validated manifest of checkpoint ``name`` (``"latest"`` allowed). A manifest read before is
-        reused while its file's size and modification time are unchanged (``cached=False``: read anew)."""
+        """The validated manifest of checkpoint ``name`` (``"latest"`` allowed). A manifest this process read
+        before is reused while its file is unchanged (``cached=False``: read anew)."""
         if name == "latest":
             return self.manifest(self._latest_name(), cached=cached)
         check_name(name)
@@ -212,19 +210,20 @@ class Store:
             raise CheckpointNotFoundError(
                 f"no checkpoint {name!r} in {self.url}; `cairn ls {self.url}` lists the checkpoints"
             )
-        stamp = (size, self.backend.modified(path))  # a replaced manifest (overwrite=True) has a new one
-        with self._lock:
-            known = self._manifests.get(name)
-        if cached and known is not None and known[0] == stamp:
-            return known[1]
+        identity = getattr(
+            self.backend, "identity", None
+        )  # a replaced manifest (overwrite=True) is a new file
+        stamp = identity(path) if identity is not None else (size, self.backend.modified(path))
+        known = manifests.get(self.url, name, stamp) if cached else None
+        if known is not None:
+            return known
         if size > LIMITS.manifest_bytes:
             limit = LIMITS.manifest_bytes
             raise ManifestError(f"{self.url}/{path}: {size} bytes is over the {limit}-byte limit")
         m = parse_manifest(self.backend.read(path), f"{self.url}/{path}")
         if m.name != name:
             raise ManifestError(f"{self.url}/{path}: the manifest says it is {m.name!r}, not {name!r}")
-        with self._lock:
-            self._manifests[name] = (stamp, m)
+        manifests.put(self.url, name, stamp, size, m)
         return m
 
     def list(
@@ -356,8 +355,7 @@ class Store:
                 with contextlib.suppress(Exception):  # (a crash may still keep it: it is complete, no harm)
                     self.backend.delete(path)
             raise
-        with self._lock:
-            self._manifests.pop(name, None)
+        manifests.forget(self.url, name)
         return CheckpointInfo.from_manifest(
             manifest, bytes_written=written, blobs_written=nblobs, seconds=_time.perf_counter() - started
         )
@@ -451,8 +449,7 @@ class Store:
             raise PinnedError(f"checkpoint {name!r} of {self.url} is pinned; unpin it first to delete it")
         self.backend.delete(path)
         self.backend.flush()
-        with self._lock:
-            self._manifests.pop(name, None)
+        manifests.forget(self.url, name)
 
     def pins(self) -> set[str]:
         """Names of the pinned checkpoints: retention never deletes them."""

@@ -403,6 +403,18 @@ class LocalBackend:
             raise BackendError(f"{path} is not a regular file (symlinks are not followed inside a store)")
         return st.st_size
 
+    def identity(self, path: str) -> tuple[int, int, int] | None:
+        """(size, modification time in ns, inode) of a file, or None: changes whenever the file does."""
+        try:
+            st = os.lstat(self._file(path))
+        except FileNotFoundError:
+            return None
+        except BackendError:
+            raise
+        except OSError as e:
+            raise _error("stat", path, e) from None
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
     def read(self, path: str) -> bytes:
         fd = self._open(path)
         try:
