@@ -139,3 +139,18 @@ def test_a_large_state_is_staged_exactly_and_wait_raises() -> None:
     loaded = cairn.load(backend, "step-1")
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
     assert [i.step for i in cairn.Store(backend).list()] == [1]
+
+
+def test_restore_reserves_the_staging_buffer_for_the_first_save() -> None:
+    """``restore()`` learns the state's size: the staging memory is made ready in the background, and the
+    first save copies into it instead of allocating (the page faults cost as much as the copy)."""
+    state = {"w": torch.ones(300_000), "b": torch.zeros(7)}
+    with cairn.CheckpointManager(MemoryBackend(), save_every=cairn.Every(steps=1), async_save=True) as mgr:
+        assert mgr.restore(state) == 0
+        writer = mgr._writer
+        assert writer is not None and writer._reserving is not None
+        writer._reserving.join(10)
+        reserved = writer._staging
+        assert reserved.nbytes >= 300_007 * 4
+        assert mgr.save(1, state)
+        assert writer._staging is reserved  # used, not reallocated

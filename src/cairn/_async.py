@@ -33,13 +33,12 @@ _COPIERS = max(1, min(8, os.cpu_count() or 1))
 
 
 def _allocate(nbytes: int) -> np.ndarray:
-    """A staging buffer of ``nbytes``: anonymous memory, in huge pages where the kernel offers them
-    (its first fill takes a few hundred page faults instead of one per 4 KiB)."""
-    buffer = mmap.mmap(-1, max(nbytes, 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        with contextlib.suppress(OSError):  # kernels without transparent huge pages
-            buffer.madvise(mmap.MADV_HUGEPAGE)
-    return np.frombuffer(buffer, dtype=np.uint8)[:nbytes]
+    """A staging buffer of ``nbytes``, every page already touched (the kernel's page faults and zeroing
+    cost about as much as the copy itself, so a reservation made ahead of time halves the first save).
+    (Transparent huge pages were measured too: direct compaction made the first fill take 0.5-2.5 s.)"""
+    buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
+    buffer[:: mmap.PAGESIZE] = 0
+    return buffer[:nbytes]
 
 
 def _wait_at_exit() -> None:
@@ -71,11 +70,27 @@ class AsyncWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._staging = np.empty(0, dtype=np.uint8)
+        self._reserving: threading.Thread | None = None
+
+    def reserve(self, nbytes: int) -> None:
+        """Allocate (and fault in) a staging buffer of ``nbytes`` in the background, so that the first
+        save only copies. Called when the size of the state becomes known (``restore()``)."""
+        if self._staging.nbytes >= nbytes or self._reserving is not None:
+            return
+
+        def allocate() -> None:
+            with contextlib.suppress(MemoryError):  # then the first save allocates (and raises)
+                self._staging = _allocate(nbytes)
+
+        self._reserving = threading.Thread(target=allocate, name="cairn-reserve", daemon=True)
+        self._reserving.start()
 
     def stage(self, prepared: PreparedSave) -> PreparedSave:
         """``prepared`` with every array copied into the staging buffer: what the tensors hold now, so a
         change after ``save()`` returns cannot leak into the checkpoint. Call only when idle."""
         assert self._thread is None, "stage() while a save is in flight"
+        if self._reserving is not None:
+            self._reserving.join()
         total = prepared.nbytes
         if self._staging.nbytes < total:
             self._staging = np.empty(0, dtype=np.uint8)  # the old buffer goes before the new one comes

@@ -30,6 +30,7 @@ __all__ = [
     "format_path",
     "is_stateful",
     "key_matcher",
+    "state_nbytes",
 ]
 
 MAX_TREE_DEPTH = 64
@@ -173,6 +174,14 @@ def encode_tree(state: Any) -> tuple[Any, list[tuple[str, EncodedArray]]]:
     enc = _Encoder()
     node = enc.encode(state, ())
     return node, enc.arrays
+
+
+def state_nbytes(state: Any) -> int:
+    """Bytes of all the arrays in ``state`` (0 for a state that cannot be encoded: it fails at save)."""
+    try:
+        return sum(array.nbytes for _, array in encode_tree(state)[1])
+    except (TypeError, ValueError, SerializationError):
+        return 0
 
 
 def decode_tree(
