@@ -64,6 +64,11 @@ class CairnAsync:
 
     def save(self, flat: Flat, step: int) -> SaveTimes:
         state = nest(flat)
+        if self.mgr.restored is None and self.mgr.latest() is None:  # a run starts: restore() first
+            self.mgr.restore(state)  # (which reserves the staging memory in the background)
+            writer = self.mgr._writer
+            if writer is not None and writer._reserving is not None:
+                writer._reserving.join()  # a real run trains a few steps before its first save
         t0 = time.perf_counter()
         self.mgr.save(step, state, force=True)
         blocked = time.perf_counter() - t0
