@@ -21,22 +21,41 @@ import xxhash
 __all__ = ["ChunkNames", "chunk_names"]
 
 Key = tuple[int, int]  # (address, size)
+Entry = tuple[
+    bytes | None, str, int
+]  # (xxh3-128 fingerprint or None, BLAKE3 name, saves left unfingerprinted + 1)
 
 
 class ChunkNames:
-    """The fingerprints and names of the chunks of one save, and of the last save into the same store."""
+    """The fingerprints and names of the chunks of one save, and of the last save into the same store.
 
-    def __init__(self, previous: dict[Key, tuple[bytes, str]]) -> None:
+    Memory that changed at its last fingerprinted save (trained weights, optimizer moments: most of a
+    training state) is not fingerprinted for the next ``SKIP`` saves, only hashed: fingerprinting what
+    changes every time would add its cost to every save for nothing. Every ``SKIP + 1``-th save it is
+    fingerprinted again, so memory that stops changing (a layer frozen later) is found.
+    """
+
+    SKIP = 8
+
+    def __init__(self, previous: dict[Key, Entry]) -> None:
         self._previous = previous
-        self.seen: dict[Key, tuple[bytes, str]] = {}
+        self.seen: dict[Key, Entry] = {}
 
     def name(self, data: memoryview) -> str:
         """The BLAKE3 name (hex) of ``data``, taken from the last save when the same memory held it."""
         key = (np.frombuffer(data, dtype=np.uint8).ctypes.data if data.nbytes else 0, data.nbytes)
-        fingerprint = xxhash.xxh3_128_digest(data)
         known = self._previous.get(key)
-        blob = known[1] if known is not None and known[0] == fingerprint else blake3.blake3(data).hexdigest()
-        self.seen[key] = (fingerprint, blob)  # (one dict store: safe from the writer threads)
+        if known is not None and known[2] > 1:  # changed lately: hash only
+            blob = blake3.blake3(data).hexdigest()
+            self.seen[key] = (None, blob, known[2] - 1)  # (one dict store: safe from the writer threads)
+            return blob
+        fingerprint = xxhash.xxh3_128_digest(data)
+        if known is not None and known[0] == fingerprint:
+            blob, skip = known[1], 0
+        else:
+            blob = blake3.blake3(data).hexdigest()
+            skip = self.SKIP + 1 if known is not None and known[0] is not None else 0
+        self.seen[key] = (fingerprint, blob, skip)
         return blob
 
 
@@ -44,7 +63,7 @@ class _Registry:
     """The chunks of the last save into each of the last few stores (by URL) this process saved into."""
 
     def __init__(self, stores: int = 8) -> None:
-        self._last: OrderedDict[str, dict[Key, tuple[bytes, str]]] = OrderedDict()
+        self._last: OrderedDict[str, dict[Key, Entry]] = OrderedDict()
         self._stores = stores
         self._lock = threading.Lock()
 

@@ -33,7 +33,7 @@ from cairn._info import CheckpointInfo
 from cairn._restore import Rename, RestoreReport, restore_into
 from cairn._store import DEFAULT_CHUNK_SIZE, PreparedSave, Store
 from cairn._timing import Timing
-from cairn._tree import state_nbytes
+from cairn._tree import array_sizes
 from cairn.backends import Backend
 from cairn.backends._locks import lock_owner
 from cairn.backends.base import BackendLock
@@ -272,7 +272,7 @@ class CheckpointManager:
         """
         self.wait()  # an async save in flight may be the newest checkpoint
         if self._writer is not None:  # the size of what will be saved is known now: stage into ready memory
-            self._writer.reserve(state_nbytes(state))
+            self._writer.reserve(array_sizes(state))
         if name == "best":
             best = self.best()
             if best is None:

@@ -25,12 +25,12 @@ from cairn.errors import SerializationError
 __all__ = [
     "MAX_TREE_DEPTH",
     "Stateful",
+    "array_sizes",
     "decode_tree",
     "encode_tree",
     "format_path",
     "is_stateful",
     "key_matcher",
-    "state_nbytes",
 ]
 
 MAX_TREE_DEPTH = 64
@@ -176,12 +176,12 @@ def encode_tree(state: Any) -> tuple[Any, list[tuple[str, EncodedArray]]]:
     return node, enc.arrays
 
 
-def state_nbytes(state: Any) -> int:
-    """Bytes of all the arrays in ``state`` (0 for a state that cannot be encoded: it fails at save)."""
+def array_sizes(state: Any) -> list[int]:
+    """Bytes of each array in ``state`` (none for a state that cannot be encoded: it fails at save)."""
     try:
-        return sum(array.nbytes for _, array in encode_tree(state)[1])
+        return [array.nbytes for _, array in encode_tree(state)[1]]
     except (TypeError, ValueError, SerializationError):
-        return 0
+        return []
 
 
 def decode_tree(

@@ -89,10 +89,26 @@ def _write_direct(fd: int, view: memoryview) -> bool:
 
 
 def _copy_through(fd: int, flags: int, view: memoryview, buffer: mmap.mmap) -> bool:
-    """The body of :func:`_write_direct`, with its aligned ``buffer``."""
+    """The body of :func:`_write_direct`, with its aligned ``buffer``. Data that is itself page-aligned
+    (an async save's staging buffer) goes to the disk straight from where it is; the rest is copied
+    through ``buffer``."""
     dst = np.frombuffer(buffer, dtype=np.uint8)
     src = np.frombuffer(view, dtype=np.uint8)
     pos, total = 0, view.nbytes
+    if src.ctypes.data % mmap.PAGESIZE == 0 and total >= _ALIGN:
+        aligned = total - total % _ALIGN
+        try:
+            while pos < aligned:
+                pos += os.write(fd, view[pos : min(aligned, pos + _MAX_WRITE)])
+        except OSError as e:
+            if e.errno != errno.EINVAL or pos:
+                raise
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)  # the file system took the flag but not the transfer
+            return False
+        if pos % _ALIGN:  # a short write (the disk filling up): finish buffered, which reports why
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+            _write_buffered(fd, view[pos:])
+            return True
     while pos < total:
         n = min(_DIRECT_BUFFER, total - pos)
         np.copyto(dst[:n], src[pos : pos + n])  # numpy copies without holding the GIL
