@@ -210,9 +210,8 @@ class Store:
             raise CheckpointNotFoundError(
                 f"no checkpoint {name!r} in {self.url}; `cairn ls {self.url}` lists the checkpoints"
             )
-        identity = getattr(
-            self.backend, "identity", None
-        )  # a replaced manifest (overwrite=True) is a new file
+        # a replaced manifest (overwrite=True) is a new file: it has a new stamp
+        identity = getattr(self.backend, "identity", None)
         stamp = identity(path) if identity is not None else (size, self.backend.modified(path))
         known = manifests.get(self.url, name, stamp) if cached else None
         if known is not None:

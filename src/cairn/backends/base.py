@@ -11,6 +11,11 @@ Call order of a save, which every backend must make safe::
 that a blob a save reuses looks young to the garbage collector. Locks (``lock``) are the only mutable
 files; a save holds the ``gc`` lock shared, garbage collection holds it exclusive.
 
+Two optional methods make a backend faster, and the store uses them where present:
+``identity(path)`` (something that changes whenever the file does, cheaper than reading it: lets parsed
+manifests be reused) and ``map_concat(paths)`` (several files mapped back to back as one region: a
+tensor stored in several chunks loads without a copy). ``LocalBackend`` has both.
+
 Paths are relative POSIX paths built by the store (``blobs/ab/ab12...``, ``checkpoints/step-3.json``);
 :func:`check_path` is the gate every backend applies before touching anything.
 """

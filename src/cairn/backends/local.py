@@ -3,7 +3,8 @@
 ``create``: write a temp file in ``<root>/tmp`` (``O_EXCL``, read-only mode), fsync it, ``link`` it to its
 final name (atomic, never replaces), unlink the temp file, and remember the directory; ``flush`` fsyncs
 every directory touched since the last flush. Files of 1 MiB and more are written with ``O_DIRECT``
-where the file system takes it (through a page-aligned buffer per thread): the data goes to the disk
+where the file system takes it (through one of a few page-aligned buffers, or straight from data that is
+page-aligned already): the data goes to the disk
 at its own speed instead of through the page cache, and a checkpoint does not evict the training
 data's cached pages. An fsync error is final: the data may be gone, so it is
 raised, never retried. No path leaves the root: names are checked, the final component is opened with
@@ -35,7 +36,7 @@ _O_READ = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK  # NONBLOCK
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
 _MAX_WRITE = 1 << 30
 _DIRECT_MIN = 1 << 20  # files at least this large are written with O_DIRECT, where the file system allows
-_DIRECT_BUFFER = 8 << 20  # the page-aligned buffer each writing thread copies through
+_DIRECT_BUFFER = 8 << 20  # size of the page-aligned buffers that unaligned data is copied through
 _ALIGN = 4096  # O_DIRECT transfers are whole multiples of this (the largest logical block size in use)
 
 
