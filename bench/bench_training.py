@@ -72,6 +72,7 @@ class Saver:
                 async_save="async" in mode,
                 preemption_signals=(),
             )
+            self.mgr.restore(state)  # as a run starts (a fresh directory: nothing to load)
         elif mode.startswith("torch"):
             d.mkdir()
 

@@ -3,12 +3,11 @@
 ``create``: write a temp file in ``<root>/tmp`` (``O_EXCL``, read-only mode), fsync it, ``link`` it to its
 final name (atomic, never replaces), unlink the temp file, and remember the directory; ``flush`` fsyncs
 every directory touched since the last flush. Files of 1 MiB and more are written with ``O_DIRECT``
-where the file system takes it (through one of a few page-aligned buffers, or straight from data that is
-page-aligned already): the data goes to the disk
-at its own speed instead of through the page cache, and a checkpoint does not evict the training
-data's cached pages. An fsync error is final: the data may be gone, so it is
-raised, never retried. No path leaves the root: names are checked, the final component is opened with
-``O_NOFOLLOW`` and every directory on the way is checked not to be a symlink.
+where the file system takes it (through one of a few page-aligned buffers, or straight from data that
+is page-aligned already): the data goes to the disk at its own speed instead of through the page
+cache, and a checkpoint does not evict the training data's cached pages. An fsync error is final: the
+data may be gone, so it is raised, never retried. No path leaves the root: names are checked, the final
+component is opened with ``O_NOFOLLOW`` and every directory on the way is checked not to be a symlink.
 """
 
 from __future__ import annotations
