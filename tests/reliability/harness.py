@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import cairn
+
 SOAK = os.environ.get("CAIRN_SOAK", "") not in ("", "0")
 REPORT = os.environ.get("CAIRN_RELIABILITY_REPORT")
 
@@ -32,3 +34,16 @@ class Record:
     data_lost: int = 0  # acknowledged checkpoints that could not be restored bit-identically: must be 0
     notes: dict[str, object] = field(default_factory=dict)
     seconds: float = 0.0
+
+
+def on_disk_blobs(store: cairn.Store) -> set[str]:
+    """Every blob file under ``blobs/``, by hash."""
+    return {p.rpartition("/")[2] for p in store.backend.list("blobs")}
+
+
+def referenced_blobs(store: cairn.Store) -> set[str]:
+    """Every blob some committed manifest names."""
+    out: set[str] = set()
+    for name in store.names():
+        out |= store.manifest(name).blobs()
+    return out

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import cairn
-from reliability.harness import Record, trials
+from reliability.harness import Record, on_disk_blobs, referenced_blobs, trials
 from reliability.states import digest
 from reliability.workers import concurrency_child as child
 
@@ -86,19 +86,6 @@ def run_all(
     return messages
 
 
-def blob_files(store: cairn.Store) -> set[str]:
-    """Every blob file under ``blobs/``, by hash."""
-    return {p.rpartition("/")[2] for p in store.backend.list("blobs")}
-
-
-def referenced(store: cairn.Store) -> set[str]:
-    """Every blob a committed manifest names."""
-    out: set[str] = set()
-    for name in store.names():
-        out |= store.manifest(name).blobs()
-    return out
-
-
 # -- C10: concurrent writers ------------------------------------------------------------------------------
 
 
@@ -155,9 +142,9 @@ def test_c10_concurrent_writers(mode: str, tmp_path: Path, record: Record) -> No
     report = store.verify()
     if not report.ok:
         problems.append(f"verify(): {report.problems[:3]}")
-    orphans = len(blob_files(store) - referenced(store))  # the blobs of losers of a collision
+    orphans = len(on_disk_blobs(store) - referenced_blobs(store))  # the blobs of losers of a collision
     store.gc(grace=0)
-    disk, live = blob_files(store), referenced(store)
+    disk, live = on_disk_blobs(store), referenced_blobs(store)
     if disk != live:
         problems.append(
             f"after gc(grace=0): {len(disk - live)} unreferenced and {len(live - disk)} missing blobs"

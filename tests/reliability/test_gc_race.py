@@ -26,7 +26,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -379,14 +378,7 @@ def seed_for(test: str) -> int:
     return seed
 
 
-@pytest.fixture(autouse=True)
-def _one_writer_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One blob-writing pool thread per save, so the saver role runs one thread at a time."""
-
-    def serial(max_workers: int | None = None, *args: Any, **kwargs: Any) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(1, *args, **kwargs)
-
-    monkeypatch.setattr(cairn._store, "ThreadPoolExecutor", serial)
+pytestmark = pytest.mark.usefixtures("one_thread_pools")  # repeatable file-system call order
 
 
 @pytest.fixture

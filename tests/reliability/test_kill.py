@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import cairn
+from cairn._gc import GCReport
 from cairn._read import blob_path
-from reliability.harness import Record, trials
+from reliability.harness import Record, on_disk_blobs, referenced_blobs, trials
 from reliability.states import digest
 from reliability.workers import kill_child
 from reliability.workers.kill_child import state_for
@@ -158,19 +159,6 @@ def listed(store: cairn.Store) -> tuple[list[cairn.CheckpointInfo], list[str]]:
     return infos, damaged
 
 
-def on_disk_blobs(store: cairn.Store) -> set[str]:
-    """Every blob file under ``blobs/``, by hash."""
-    return {p.rpartition("/")[2] for p in store.backend.list("blobs")}
-
-
-def referenced_blobs(store: cairn.Store) -> set[str]:
-    """Every blob some committed manifest names."""
-    out: set[str] = set()
-    for name in store.names():
-        out |= store.manifest(name).blobs()
-    return out
-
-
 def check_clean_after_gc(store: cairn.Store, problems: list[str]) -> None:
     """After ``gc(grace=0)``: no temporary file, no unreferenced blob, no referenced blob gone (their bytes
     were verified just before the gc, which only deletes)."""
@@ -182,6 +170,33 @@ def check_clean_after_gc(store: cairn.Store, problems: list[str]) -> None:
         problems.append(f"gc(grace=0) left {len(disk - live)} unreferenced blobs")
     if live - disk:
         problems.append(f"gc deleted {len(live - disk)} referenced blobs, e.g. {blob_path(min(live - disk))}")
+
+
+def killed(
+    run: Run, record: Record, notes: dict[str, Any], when: tuple[str, str]
+) -> tuple[list[str], list[int], list[int]]:
+    """Count one killed child: its problems so far, the steps it started and those it acked. ``when``
+    names the note for a kill during a save and the one for a kill after it."""
+    record.trials += 1
+    record.faults += 1
+    problems = [] if run.exitcode == -9 else [f"the child ended with {run.exitcode}, not by SIGKILL"]
+    started, acked = run.steps("start"), run.steps("ack")
+    notes["kills_late"] += run.late
+    notes["trials_child_acked"] += bool(acked)
+    notes[when[0] if run.last_kind == "start" else when[1]] += 1
+    return problems, started, acked
+
+
+def collect(store: cairn.Store, tmp_left: int, problems: list[str]) -> GCReport | None:
+    """``gc(grace=0)`` after a trial; it must remove every temporary file the crash left."""
+    try:
+        gc = store.gc(grace=0)
+    except cairn.CairnError as e:
+        problems.append(f"gc() failed: {e!r}")
+        return None
+    if gc.temp_deleted < tmp_left:
+        problems.append(f"gc removed {gc.temp_deleted} of {tmp_left} temporary files")
+    return gc
 
 
 class Restores:
@@ -229,20 +244,9 @@ def test_c1_sigkill_during_sync_save(tmp_path: Path, record: Record) -> None:
     for trial in range(n):
         latest_before = max(present)
         run = run_child(ctx, kill_child.sync_saver, (str(path), latest_before + 1, None), 1.2 * t_save, rng)
-        record.trials += 1
-        record.faults += 1
-        problems: list[str] = []
-        if run.exitcode != -9:
-            problems.append(f"the child ended with {run.exitcode}, not by SIGKILL")
-        started, acked = run.steps("start"), run.steps("ack")
+        problems, started, acked = killed(run, record, notes, ("kills_mid_save", "kills_between_saves"))
         acked_max = max([latest_before, *acked])
         inflight = max(started)
-        notes["kills_late"] += run.late
-        notes["trials_child_acked"] += bool(acked)
-        if run.last_kind == "start":
-            notes["kills_mid_save"] += 1
-        else:
-            notes["kills_between_saves"] += 1
 
         store = cairn.Store(path)  # a fresh handle: nothing cached from before the crash
         restores = Restores(store)
@@ -289,13 +293,8 @@ def test_c1_sigkill_during_sync_save(tmp_path: Path, record: Record) -> None:
         for old in sorted(present)[:-3]:  # keep the store small: retention by hand, then gc
             store.delete(f"step-{old}")
         present = set(sorted(present)[-3:])
-        try:
-            gc = store.gc(grace=0)
-        except cairn.CairnError as e:
-            problems.append(f"gc() failed: {e!r}")
-        else:
-            if gc.temp_deleted < tmp_left:
-                problems.append(f"gc removed {gc.temp_deleted} of {tmp_left} temporary files")
+        gc = collect(store, tmp_left, problems)
+        if gc is not None:
             notes["tmp_leftovers_removed"] += gc.temp_deleted
             notes["orphan_blobs_removed"] += orphans
         check_clean_after_gc(store, problems)
@@ -365,20 +364,11 @@ def test_c3_sigkill_during_async_save(tmp_path: Path, record: Record) -> None:
         run = run_child(
             ctx, kill_child.async_saver, (str(path), latest_before + 1, None, KEEP), 1.2 * t_save, rng
         )
-        record.trials += 1
-        record.faults += 1
-        problems: list[str] = []
-        if run.exitcode != -9:
-            problems.append(f"the child ended with {run.exitcode}, not by SIGKILL")
-        started, acked = run.steps("start"), run.steps("ack")
+        problems, started, acked = killed(
+            run, record, notes, ("kills_while_staging", "kills_after_submitted")
+        )
         acked_max = max([latest_before, *acked])
         inflight = max(started)
-        notes["kills_late"] += run.late
-        notes["trials_child_acked"] += bool(acked)
-        if run.last_kind == "start":
-            notes["kills_while_staging"] += 1
-        else:
-            notes["kills_after_submitted"] += 1
 
         store = cairn.Store(path)
         restores = Restores(store)
@@ -430,13 +420,7 @@ def test_c3_sigkill_during_async_save(tmp_path: Path, record: Record) -> None:
             if not restores(nxt):
                 problems.append(f"the next save (step {nxt}) does not restore bit-identically")
         latest_before = nxt
-        try:
-            gc = store.gc(grace=0)
-        except cairn.CairnError as e:
-            problems.append(f"gc() failed: {e!r}")
-        else:
-            if gc.temp_deleted < tmp_left:
-                problems.append(f"gc removed {gc.temp_deleted} of {tmp_left} temporary files")
+        collect(store, tmp_left, problems)
         check_clean_after_gc(store, problems)
         if problems:
             failures.append(f"trial {trial} (after {run.last_kind!r}; {run.messages}): {problems}")

@@ -44,6 +44,7 @@ import torch
 
 import cairn
 from reliability.harness import Record
+from test_hostile import _dotted
 
 CHILD_TIMEOUT_S = 300
 
@@ -380,15 +381,6 @@ _BANNED_REFS = {
     "pandas.read_pickle",
     "pd.read_pickle",
 }
-
-
-def _dotted(node: ast.expr) -> str | None:
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Attribute):
-        base = _dotted(node.value)
-        return None if base is None else f"{base}.{node.attr}"
-    return None
 
 
 def scan(source: str, filename: str) -> list[str]:

@@ -26,7 +26,6 @@ import stat
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -354,14 +353,7 @@ def manifest_first(fs: CrashFS) -> Iterator[None]:
         yield
 
 
-@pytest.fixture(autouse=True)
-def _one_writer_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One blob-writing thread: the log, hence a seed's crash states, is the same on every run."""
-
-    def serial(max_workers: int | None = None, *args: Any, **kwargs: Any) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(1, *args, **kwargs)
-
-    monkeypatch.setattr(cairn._store, "ThreadPoolExecutor", serial)
+pytestmark = pytest.mark.usefixtures("one_thread_pools")  # repeatable file-system call order
 
 
 def test_power_loss_crash_states(tmp_path: Path, record: Record) -> None:

@@ -18,7 +18,6 @@ import random
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -298,14 +297,7 @@ class StoreMachine(RuleBasedStateMachine):
             assert latest is None
 
 
-@pytest.fixture(autouse=True)
-def _one_writer_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One blob-writing thread: the CrashFS log of a save, hence an example, is deterministic."""
-
-    def serial(max_workers: int | None = None, *args: Any, **kwargs: Any) -> ThreadPoolExecutor:
-        return ThreadPoolExecutor(1, *args, **kwargs)
-
-    monkeypatch.setattr(cairn._store, "ThreadPoolExecutor", serial)
+pytestmark = pytest.mark.usefixtures("one_thread_pools")  # repeatable file-system call order
 
 
 @pytest.fixture
