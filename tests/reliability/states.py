@@ -39,7 +39,7 @@ def digest(value: Any) -> Any:
     """A comparable fingerprint of a state: SHA-256 of every tensor's raw bytes plus dtype and shape."""
     if isinstance(value, torch.Tensor):
         t = value.detach().contiguous()
-        raw = t.reshape(-1).view(torch.uint8) if t.dtype != torch.bool else t.reshape(-1).to(torch.uint8)
+        raw = t.reshape(-1).view(torch.uint8)  # raw bytes, bools too (.to() would map any nonzero to 1)
         return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(raw.numpy().tobytes()).hexdigest())
     if isinstance(value, np.ndarray):
         return ("ndarray", str(value.dtype), value.shape, hashlib.sha256(value.tobytes()).hexdigest())
