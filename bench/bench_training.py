@@ -2,7 +2,7 @@
 """What checkpointing every N steps costs a CPU training loop: none, torch.save + fsync, cairn sync, cairn
 async.
 
-    python bench/bench_training.py [--steps 80] [--every 20] [--batch 64] [--repeats 3] [--threads T]
+    python bench/bench_training.py [--steps 200] [--every 20] [--batch 64] [--repeats 3] [--threads T]
                                    [--quick] [--dir DIR] [--json OUT] [--seed 0]
 
 The model is a 16.8M-parameter MLP (4096→2048→2048→2048→16, ReLU) trained with AdamW on a fixed random
@@ -134,7 +134,7 @@ def run(mode: str, d: Path, args: argparse.Namespace) -> dict[str, Any]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=80, help="timed steps per run; default 80")
+    p.add_argument("--steps", type=int, default=200, help="timed steps per run; default 200")
     p.add_argument("--every", type=int, default=20, help="save every this many steps; default 20")
     p.add_argument("--batch", type=int, default=64, help="batch size; default 64")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each run; default 3")
