@@ -335,3 +335,23 @@ def test_unchanged_chunks_are_not_hashed_again_but_every_change_is_seen(
         counts.append(len(hashed))
     # ...for 8 saves in all; then fingerprinted again (and hashed), and found unchanged from then on
     assert counts == [3] * 8 + [0, 0], counts
+
+
+def test_a_blob_deleted_between_check_and_map_is_reported_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader racing a gc of another checkpoint's blobs gets BlobMissingError naming the blob, not a bare
+    FileNotFoundError from the memory map."""
+    store = cairn.Store(tmp_path, create=True, chunk_size=2**20)
+    store.save({"w": torch.arange(600_000, dtype=torch.float32)}, step=0)  # 3 chunks: mapped as one region
+    blobs = sorted(store.manifest("step-0").blobs())
+    real = type(store.backend).map_concat
+
+    def gone_meanwhile(self: Any, paths: list[str]) -> Any:
+        (tmp_path / paths[-1]).unlink()
+        return real(self, paths)
+
+    monkeypatch.setattr(type(store.backend), "map_concat", gone_meanwhile)
+    with pytest.raises(cairn.BlobMissingError, match="is missing") as info:
+        store.load("step-0")
+    assert any(b in str(info.value) for b in blobs)

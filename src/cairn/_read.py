@@ -85,6 +85,21 @@ class TensorReader:
             pos += chunk.nbytes
         return jobs
 
+    def _mapped(
+        self, entry: TensorEntry, chunks: list[Chunk], map_them: Callable[[], memoryview | None]
+    ) -> memoryview | None:
+        """``map_them()`` (a zero-copy map of ``chunks``); a chunk deleted since its size was checked is
+        reported as missing, by name."""
+        try:
+            return map_them()
+        except FileNotFoundError:
+            pass
+        for chunk in chunks:
+            self._check_size(entry, chunk)  # raises BlobMissingError for the one that is gone
+        raise BlobCorruptError(
+            f"checkpoint {self.checkpoint!r}, key {entry.path!r} changed while it was read"
+        )
+
     def plan(self, entry: TensorEntry) -> tuple[Callable[[], Any], list[Job]]:
         """How to read ``entry``: the jobs that fill it (independent; run them in any order, in any
         threads) and the function that returns the value once they all ran. Every chunk's size is
@@ -98,7 +113,7 @@ class TensorReader:
             mapped: list[Any] = []
 
             def map_and_hash() -> None:
-                view = self.backend.map(blob_path(chunks[0].blob))
+                view = self._mapped(entry, chunks, lambda: self.backend.map(blob_path(chunks[0].blob)))
                 if view is not None and view.nbytes == chunks[0].nbytes:
                     self._check_hash(entry, chunks[0], view)
                     mapped.append(from_buffer(entry.kind, entry.dtype, shape, view))
@@ -108,7 +123,7 @@ class TensorReader:
             return lambda: mapped[0], [map_and_hash]
         map_concat = getattr(self.backend, "map_concat", None)
         if whole and self.mmap and entry.nbytes >= MMAP_MIN_BYTES and map_concat is not None:
-            view = map_concat([blob_path(c.blob) for c in chunks])  # one region, no copy
+            view = self._mapped(entry, chunks, lambda: map_concat([blob_path(c.blob) for c in chunks]))
             if view is not None and view.nbytes == entry.nbytes:
                 value = from_buffer(entry.kind, entry.dtype, shape, view)
                 jobs: list[Job] = []
