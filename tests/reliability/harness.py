@@ -8,8 +8,10 @@ Trial counts come from :func:`trials`: the CI count by default, the soak count w
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from dataclasses import dataclass, field
+from multiprocessing.context import ForkServerContext
 
 import cairn
 
@@ -47,3 +49,22 @@ def referenced_blobs(store: cairn.Store) -> set[str]:
     for name in store.names():
         out |= store.manifest(name).blobs()
     return out
+
+
+FORKSERVER_PRELOAD = [
+    "pytest",  # Python 3.11's forkserver re-runs the main script in every child: make that cheap
+    "torch",
+    "numpy",
+    "cairn",
+    "reliability.states",
+    "reliability.workers.kill_child",
+    "reliability.workers.concurrency_child",
+]
+"""What the forkserver imports once (one list: the server is shared by every test that forks)."""
+
+
+def forkserver() -> ForkServerContext:
+    """A forkserver context whose server has torch, cairn and the child modules imported."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx

@@ -10,7 +10,6 @@ early breaking could be tested.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import time
@@ -24,29 +23,12 @@ import pytest
 import torch
 
 import cairn
-from reliability.harness import Record, on_disk_blobs, referenced_blobs, trials
+from reliability.harness import Record, forkserver, on_disk_blobs, referenced_blobs, trials
 from reliability.states import digest
 from reliability.workers import concurrency_child as child
 
 HANG = 120.0
 """Seconds before a silent child is declared hung (a hang guard, not a timing assertion)."""
-PRELOAD = [
-    "pytest",  # Python 3.11's forkserver re-runs the main script in every child: make that cheap
-    "torch",
-    "numpy",
-    "cairn",
-    "reliability.states",
-    "reliability.workers.kill_child",
-    "reliability.workers.concurrency_child",
-]
-"""What the forkserver imports once (the same list in test_kill.py: the server is shared)."""
-
-
-def forkserver() -> ForkServerContext:
-    """A forkserver context whose server has torch, cairn and the child modules imported."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
 
 
 def run_all(

@@ -11,7 +11,6 @@ After the kill the parent opens a fresh :class:`cairn.Store` handle and checks t
 
 from __future__ import annotations
 
-import multiprocessing
 import random
 import statistics
 import time
@@ -27,7 +26,7 @@ import torch
 import cairn
 from cairn._gc import GCReport
 from cairn._read import blob_path
-from reliability.harness import Record, on_disk_blobs, referenced_blobs, trials
+from reliability.harness import Record, forkserver, on_disk_blobs, referenced_blobs, trials
 from reliability.states import digest
 from reliability.workers import kill_child
 from reliability.workers.kill_child import state_for
@@ -39,17 +38,6 @@ KEEP = 2
 PADS = 4
 """Tiny extra checkpoints the child's retention has to delete in each C3 trial."""
 
-PRELOAD = [
-    "pytest",  # Python 3.11's forkserver re-runs the main script in every child: make that cheap
-    "torch",
-    "numpy",
-    "cairn",
-    "reliability.states",
-    "reliability.workers.kill_child",
-    "reliability.workers.concurrency_child",
-]
-"""What the forkserver imports once (the same list in test_concurrency.py: the server is shared)."""
-
 _DIGESTS: dict[int, Any] = {}
 
 
@@ -58,13 +46,6 @@ def expected(step: int) -> Any:
     if step not in _DIGESTS:
         _DIGESTS[step] = digest(state_for(step))
     return _DIGESTS[step]
-
-
-def forkserver() -> ForkServerContext:
-    """A forkserver context whose server has torch, cairn and the child modules imported."""
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    return ctx
 
 
 @dataclass

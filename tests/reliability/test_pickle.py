@@ -44,7 +44,7 @@ import torch
 
 import cairn
 from reliability.harness import Record
-from test_hostile import _dotted
+from test_hostile import _BANNED_MODULES, _dotted
 
 CHILD_TIMEOUT_S = 300
 
@@ -359,17 +359,6 @@ def test_c16_payloads_are_live(corpus: dict[str, Any], tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ static check
 
-_BANNED_MODULES = {
-    "pickle",
-    "_pickle",
-    "cPickle",
-    "pickletools",
-    "marshal",
-    "shelve",
-    "dill",
-    "cloudpickle",
-    "joblib",
-}
 _BANNED_REFS = {
     "np.load",
     "numpy.load",

@@ -406,30 +406,29 @@ class LocalBackend:
             raise BackendError(f"{path} is not a regular file; a store holds only regular files")
         return fd
 
-    def size(self, path: str) -> int | None:
+    def _lstat(self, path: str) -> os.stat_result | None:
+        """``lstat`` of store path ``path``; None when nothing is there."""
         try:
-            st = os.lstat(self._file(path))
+            return os.lstat(self._file(path))
         except BackendError:
             raise
         except FileNotFoundError:
             return None
         except OSError as e:
             raise _error("stat", path, e) from None
+
+    def size(self, path: str) -> int | None:
+        st = self._lstat(path)
+        if st is None:
+            return None
         if not stat.S_ISREG(st.st_mode):
             raise BackendError(f"{path} is not a regular file (symlinks are not followed inside a store)")
         return st.st_size
 
     def identity(self, path: str) -> tuple[int, int, int] | None:
         """(size, modification time in ns, inode) of a file, or None: changes whenever the file does."""
-        try:
-            st = os.lstat(self._file(path))
-        except FileNotFoundError:
-            return None
-        except BackendError:
-            raise
-        except OSError as e:
-            raise _error("stat", path, e) from None
-        return st.st_size, st.st_mtime_ns, st.st_ino
+        st = self._lstat(path)
+        return None if st is None else (st.st_size, st.st_mtime_ns, st.st_ino)
 
     def read(self, path: str) -> bytes:
         fd = self._open(path)
@@ -500,14 +499,8 @@ class LocalBackend:
                 yield f"{rel}/{name}"
 
     def modified(self, path: str) -> float | None:
-        try:
-            return os.lstat(self._file(path)).st_mtime
-        except FileNotFoundError:
-            return None
-        except BackendError:
-            raise
-        except OSError as e:
-            raise _error("stat", path, e) from None
+        st = self._lstat(path)
+        return None if st is None else st.st_mtime
 
     def lock(self, name: str, *, shared: bool = False, blocking: bool = True, owner: str = "") -> FileLock:
         check_path(name)
