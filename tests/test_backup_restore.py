@@ -91,11 +91,19 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return cairn.load(out / "final")
 
 
-@pytest.mark.parametrize("trial", range(2))
-def test_killed_fit_resumes_mid_epoch_exactly(reference: Any, tmp_path: Path, trial: int) -> None:
+BATCHES_PER_EPOCH = 12  # 1200 samples, batch_size=100; BackupAndRestore(save_freq=5) in WORKER
+AT_AN_EPOCHS_END = 60  # a backup taken after the last batch of an epoch (lcm of 12 and 5)
+
+
+@pytest.mark.parametrize("trial", ["epoch-end-backup", "random"])
+def test_killed_fit_resumes_mid_epoch_exactly(reference: Any, tmp_path: Path, trial: str) -> None:
     assert reference["stopped_epoch"] > 0  # the run really stops early: the patience state matters
     epochs_run = len(reference["history"]["loss"])
-    kill_after = random.Random().randrange(8, 12 * epochs_run - 2)  # anywhere, mid-epoch included
+    assert BATCHES_PER_EPOCH * epochs_run > AT_AN_EPOCHS_END + 2
+    if trial == "epoch-end-backup":  # resumes at "epoch 4, 12 batches done": the epoch's end, not epoch 5
+        kill_after = AT_AN_EPOCHS_END + 2
+    else:  # anywhere, mid-epoch included
+        kill_after = random.Random().randrange(8, BATCHES_PER_EPOCH * epochs_run - 2)
     _run(tmp_path, kill_after)
     assert (tmp_path / "backup").exists()
     _run(tmp_path)

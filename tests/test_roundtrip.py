@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -237,3 +237,40 @@ def test_key_selection_returns_the_matching_subtree(state: dict[str, Any], data:
     out = cairn.load(backend, keys=[key]) if key else cairn.load(backend)
     assert key in out
     same(state[key], out[key])
+
+
+_KEY = st.sampled_from(["a", "b", "ab", "a.b", "x[0]", "*", "0"])
+_TREES = st.recursive(
+    st.integers(0, 9),
+    lambda kids: st.dictionaries(_KEY, kids, max_size=3) | st.lists(kids, max_size=3),
+    max_leaves=12,
+)
+
+
+_PATTERN = st.text("ab0.*?[]x", max_size=6) | st.lists(_KEY | st.just("a*"), min_size=1, max_size=3).map(
+    ".".join
+)
+
+
+@given(_TREES, st.lists(_PATTERN, min_size=1, max_size=3))
+@example({"a": {"b": 1, "ab": [2]}, "b": 3}, ["a.b"])
+@example({"x[0]": [1, {"a": 2}], "x0": 3}, ["x[0].1.a"])
+@example({"ab": {"a": 1}, "b": {"a": 2}}, ["a*.a", "?.a"])
+def test_key_selection_walks_only_what_can_match_and_selects_as_globs_do(
+    tree: Any, patterns: list[str]
+) -> None:
+    """``keys=`` skips containers no pattern can reach into; what it selects is exactly what testing
+    every path against the globs (literally, by fnmatch, or as a prefix) selects."""
+    import fnmatch
+
+    from cairn._tree import decode_tree, encode_tree, key_matcher
+
+    node, arrays = encode_tree(tree)
+    assert not arrays
+
+    def brute(path: str) -> bool:
+        return any(path == p or fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in patterns)
+
+    fast = key_matcher(patterns)
+    assert fast is not None
+    assert decode_tree(node, lambda i: None, fast) == decode_tree(node, lambda i: None, brute)

@@ -26,6 +26,10 @@ Entry = tuple[
 ]  # (xxh3-128 fingerprint or None, BLAKE3 name, saves left unfingerprinted + 1)
 
 
+def _key(data: memoryview) -> Key:
+    return (np.frombuffer(data, dtype=np.uint8).ctypes.data if data.nbytes else 0, data.nbytes)
+
+
 class ChunkNames:
     """The fingerprints and names of the chunks of one save, and of the last save into the same store.
 
@@ -41,9 +45,15 @@ class ChunkNames:
         self._previous = previous
         self.seen: dict[Key, Entry] = {}
 
+    def expects_change(self, data: memoryview) -> bool:
+        """True if the memory of ``data`` changed at the last save into this store (it is then hashed
+        without a fingerprint)."""
+        known = self._previous.get(_key(data))
+        return known is not None and known[2] > 1
+
     def name(self, data: memoryview) -> str:
         """The BLAKE3 name (hex) of ``data``, taken from the last save when the same memory held it."""
-        key = (np.frombuffer(data, dtype=np.uint8).ctypes.data if data.nbytes else 0, data.nbytes)
+        key = _key(data)
         known = self._previous.get(key)
         if known is not None and known[2] > 1:  # changed lately: hash only
             blob = blake3.blake3(data).hexdigest()

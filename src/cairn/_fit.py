@@ -214,6 +214,11 @@ def _batches(data: Iterable[Any], steps: int | None, skip: int) -> Iterator[tupl
     continues from there; any other iterable is fast-forwarded by skipping batches, which is exact
     only if its order does not depend on the random state (see ``cairn.resumable_loader``).
     """
+    if steps is None and skip and hasattr(data, "__len__"):
+        steps = len(data)  # a resumed epoch ends where a whole one does (its saved position may be its end)
+    limit = None if steps is None else max(0, steps - skip)  # never pulls a batch it will not use
+    if limit == 0:
+        return  # not even iter(): a resumable loader would start (and draw the seed of) its next epoch
     it = iter(data)
     stateful = callable(getattr(data, "state_dict", None))
     if skip and not stateful:
@@ -226,7 +231,6 @@ def _batches(data: Iterable[Any], steps: int | None, skip: int) -> Iterator[tupl
         for _ in range(skip):
             if next(it, None) is None:
                 return
-    limit = None if steps is None else max(0, steps - skip)  # never pulls a batch it will not use
     for batch, item in enumerate(itertools.islice(it, limit), start=skip):
         yield batch, _split(item)
 

@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 import blake3
@@ -99,14 +100,14 @@ class TensorEntry:
     shape: tuple[int, ...]
     shards: tuple[Shard, ...]
 
-    @property
+    @cached_property
     def itemsize(self) -> int:
         """Bytes per element."""
         dt = by_name(self.dtype)
         assert dt is not None
         return dt.itemsize
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         """Logical size of the tensor in bytes."""
         return math.prod(self.shape) * self.itemsize

@@ -11,7 +11,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from cairn._codec import allocate, from_buffer
+from cairn._codec import Allocated, allocate, from_buffer
 from cairn._manifest import Chunk, Shard, TensorEntry
 from cairn.backends.base import Backend
 from cairn.errors import BackendError, BlobCorruptError, BlobMissingError, OutOfMemoryError
@@ -21,6 +21,8 @@ __all__ = ["MMAP_MIN_BYTES", "TensorReader", "blob_path"]
 Job = Callable[[], None]
 
 _SMALL = 1 << 18  # tensors under this many bytes are not worth a thread hand-off
+_WIDE_HASH = 1 << 20  # a chunk this large, hashed alone, is hashed by all cores
+_ALL_CORES = blake3.blake3.AUTO
 
 MMAP_MIN_BYTES = 1 << 20
 """Tensors at least this large, stored in one chunk, are memory-mapped instead of copied."""
@@ -39,6 +41,7 @@ class TensorReader:
         self.checkpoint = checkpoint
         self.verify = verify
         self.mmap = mmap and backend.properties.mmap
+        self.hash_threads = 1  # blake3's own threads per chunk: more when chunks are not hashed in parallel
 
     def _where(self, entry: TensorEntry, blob: str) -> str:
         return f"checkpoint {self.checkpoint!r}, key {entry.path!r}: blob {blob}"
@@ -60,7 +63,10 @@ class TensorReader:
             )
 
     def _check_hash(self, entry: TensorEntry, chunk: Chunk, data: Any) -> None:
-        if self.verify and blake3.blake3(data).hexdigest() != chunk.blob:
+        if not self.verify:
+            return
+        threads = self.hash_threads if chunk.nbytes >= _WIDE_HASH else 1
+        if blake3.blake3(data, max_threads=threads).hexdigest() != chunk.blob:
             raise BlobCorruptError(
                 f"{self._where(entry, chunk.blob)}: its bytes do not match their hash (the file is damaged); "
                 "restore an older checkpoint"
@@ -102,14 +108,26 @@ class TensorReader:
 
     def plan(self, entry: TensorEntry) -> tuple[Callable[[], Any], list[Job]]:
         """How to read ``entry``: the jobs that fill it (independent; run them in any order, in any
-        threads) and the function that returns the value once they all ran. Every chunk's size is
-        checked and the memory allocated here, before any job runs."""
+        threads) and the function that returns the value once they all ran. Memory is allocated only
+        for chunks whose size was checked: a large tensor read into memory has every chunk's size
+        checked and its memory allocated here, before any job runs; a small one-chunk tensor (under
+        ``MMAP_MIN_BYTES``) is allocated, read and size-checked by its one job; a memory map (which
+        allocates nothing) is checked against the sizes it maps."""
         chunks = [c for s in entry.shards for c in s.chunks]
-        for chunk in chunks:  # every size is checked before anything is allocated
-            self._check_size(entry, chunk)
         shape = entry.shape
         whole = len(entry.shards) == 1 and entry.shards[0].shape == shape
-        if whole and self.mmap and len(chunks) == 1 and entry.nbytes >= MMAP_MIN_BYTES:
+        if whole and len(chunks) == 1 and entry.nbytes < MMAP_MIN_BYTES:
+            small: list[Any] = []
+
+            def read_small() -> None:
+                self._check_size(entry, chunks[0])  # (and a FIFO or device is never opened)
+                out = self._allocate(entry)
+                self._fill_chunk(entry, chunks[0], out.buffer)
+                small.append(out.value)
+
+            return lambda: small[0], [read_small]
+        mappable = whole and self.mmap and entry.nbytes >= MMAP_MIN_BYTES  # (a map allocates nothing)
+        if mappable and len(chunks) == 1:
             mapped: list[Any] = []
 
             def map_and_hash() -> None:
@@ -117,32 +135,41 @@ class TensorReader:
                 if view is not None and view.nbytes == chunks[0].nbytes:
                     self._check_hash(entry, chunks[0], view)
                     mapped.append(from_buffer(entry.kind, entry.dtype, shape, view))
-                else:  # the backend could not map it after all: read it
+                else:  # not mappable after all, or the wrong size (raised by the read's size check)
                     mapped.append(replace_mmap(self, False).read(entry))
 
+            if not self.verify:  # nothing to do in a thread: map it now
+                map_and_hash()
+                return lambda: mapped[0], []
             return lambda: mapped[0], [map_and_hash]
         map_concat = getattr(self.backend, "map_concat", None)
-        if whole and self.mmap and entry.nbytes >= MMAP_MIN_BYTES and map_concat is not None:
+        if mappable and map_concat is not None:
             view = self._mapped(entry, chunks, lambda: map_concat([blob_path(c.blob) for c in chunks]))
             if view is not None and view.nbytes == entry.nbytes:
                 value = from_buffer(entry.kind, entry.dtype, shape, view)
                 jobs: list[Job] = []
                 pos = 0
                 for chunk in chunks:
-                    jobs.append(partial(self._check_hash, entry, chunk, view[pos : pos + chunk.nbytes]))
+                    if self.verify:
+                        jobs.append(partial(self._check_hash, entry, chunk, view[pos : pos + chunk.nbytes]))
                     pos += chunk.nbytes
                 return lambda: value, jobs
+        for chunk in chunks:  # every size is checked before anything is allocated
+            self._check_size(entry, chunk)
+        out = self._allocate(entry)
+        if whole:
+            return lambda: out.value, self._fill(entry, entry.shards[0].chunks, out.buffer)
+        elements = np.frombuffer(out.buffer, dtype=f"V{entry.itemsize}").reshape(shape)
+        return lambda: out.value, [partial(self._place, entry, shard, elements) for shard in entry.shards]
+
+    def _allocate(self, entry: TensorEntry) -> Allocated:
         try:
-            out = allocate(entry.kind, entry.dtype, shape)
+            return allocate(entry.kind, entry.dtype, entry.shape)
         except (MemoryError, RuntimeError) as e:  # numpy raises MemoryError, torch RuntimeError
             raise OutOfMemoryError(
                 f"checkpoint {self.checkpoint!r}, key {entry.path!r}: cannot allocate {entry.nbytes} bytes "
                 f"({str(e)[:120]}); load fewer keys at a time with keys=, or use a machine with more memory"
             ) from None
-        if whole:
-            return lambda: out.value, self._fill(entry, entry.shards[0].chunks, out.buffer)
-        elements = np.frombuffer(out.buffer, dtype=f"V{entry.itemsize}").reshape(shape)
-        return lambda: out.value, [partial(self._place, entry, shard, elements) for shard in entry.shards]
 
     def read(self, entry: TensorEntry) -> Any:
         """The tensor or array of ``entry``, of its kind (scalars not yet unwrapped), on the CPU."""
@@ -162,6 +189,7 @@ class TensorReader:
             job for entry, (_, js) in zip(entries, plans, strict=True) if entry.nbytes < _SMALL for job in js
         ]
         if len(large) > 1 and workers > 1:
+            self.hash_threads = 1
             with ThreadPoolExecutor(min(workers, len(large)), thread_name_prefix="cairn-load") as pool:
                 futures = [pool.submit(job) for job in large]
                 try:
@@ -172,7 +200,8 @@ class TensorReader:
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # a damaged chunk: do not read the rest first
                     raise
-        else:
+        else:  # at most one large job: blake3 hashes it with every core instead
+            self.hash_threads = _ALL_CORES
             for job in large + small:
                 job()
         return [value() for value, _ in plans]

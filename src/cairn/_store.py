@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import os
+import random
 import time as _time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -381,9 +382,13 @@ class Store:
             for pos in range(0, arr.nbytes, size)
         ]
         names = chunk_names.begin(self.url) if self.fingerprints else None
+        order = _write_order([view for _, view in jobs], names)
+        results: builtins.list[tuple[str, bool]] = [("", False)] * len(jobs)
         try:
             with ThreadPoolExecutor(_SAVE_WORKERS, thread_name_prefix="cairn-save") as pool:
-                results = list(pool.map(lambda job: self._put_chunk(job[1], names), jobs))
+                done = pool.map(lambda j: self._put_chunk(jobs[j][1], names), order)
+                for j, result in zip(order, done, strict=True):
+                    results[j] = result
         finally:
             if names is not None:
                 chunk_names.end(self.url, names)
@@ -484,3 +489,15 @@ class Store:
         """
         names = None if name is None else [self.manifest(name).name if name == "latest" else check_name(name)]
         return verify_store(self, names, progress)
+
+
+def _write_order(views: builtins.list[memoryview], names: ChunkNames | None) -> builtins.list[int]:
+    """The order to hash and write chunks in: first those that changed at the last save (they will be
+    written: their disk writes then overlap the fingerprinting of the rest), then the others in a fixed
+    shuffled order, so that chunks that changed, wherever they sit in the state (often a contiguous
+    part: the last layers, the head), are spread over the save instead of all waiting at its end."""
+    shuffled = list(range(len(views)))
+    random.Random(len(views)).shuffle(shuffled)
+    if names is None:
+        return shuffled
+    return sorted(shuffled, key=lambda j: not names.expects_change(views[j]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import fnmatch
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol, runtime_checkable
@@ -60,19 +61,40 @@ def is_stateful(value: object) -> bool:
     )
 
 
-def key_matcher(patterns: str | Iterable[str] | None) -> Callable[[str], bool] | None:
+class KeyMatcher:
+    """A test of dotted key paths against glob patterns (see :func:`key_matcher`); it also tells which
+    containers cannot hold a match, so that a selective walk skips them."""
+
+    def __init__(self, globs: list[str]) -> None:
+        self.globs = globs
+        self._literal = [re.split(r"[*?\[]", p, maxsplit=1)[0] for p in globs]  # before the first glob char
+        self._exact = set(globs)
+        self._prefixes = tuple(p + "." for p in globs)
+        wild = [fnmatch.translate(p) for p, lit in zip(globs, self._literal, strict=True) if lit != p]
+        self._glob = re.compile("|".join(f"(?:{w})" for w in wild)) if wild else None
+
+    def __call__(self, path: str) -> bool:
+        return (
+            path in self._exact
+            or path.startswith(self._prefixes)
+            or (self._glob is not None and self._glob.match(path) is not None)
+        )
+
+    def may_hold(self, path: str) -> bool:
+        """False only if neither ``path`` nor anything below it can match: every match of a pattern
+        starts with the pattern's literal prefix."""
+        below = path + "."
+        return any(below.startswith(lit) or lit.startswith(below) for lit in self._literal)
+
+
+def key_matcher(patterns: str | Iterable[str] | None) -> KeyMatcher | None:
     """A test of dotted key paths against glob ``patterns`` (None: no selection). A pattern also matches
     itself literally (keys may hold glob characters: ``"[0]"``) and everything below it (``"model"``
     selects ``"model.fc.weight"``). The selection of ``load(keys=)``, ``restore(include=/exclude=)`` and
     the command line's ``--key``."""
     if patterns is None:
         return None
-    globs = [patterns] if isinstance(patterns, str) else list(patterns)
-
-    def match(path: str) -> bool:
-        return any(path == p or fnmatch.fnmatchcase(path, p) or path.startswith(p + ".") for p in globs)
-
-    return match
+    return KeyMatcher([patterns] if isinstance(patterns, str) else list(patterns))
 
 
 def format_path(path: Path) -> str:
@@ -209,6 +231,9 @@ def _decode(
     node: Any, path: Path, resolve: Callable[[int], Any], select: Callable[[str], bool] | None
 ) -> tuple[bool, Any]:
     if isinstance(node, dict):
+        container = "dict" in node or "list" in node or "tuple" in node
+        if container and path and isinstance(select, KeyMatcher) and not select.may_hold(format_path(path)):
+            return False, None  # nothing below can match: not walked
         if "dict" in node:
             out: dict[Any, Any] = {}
             for k, child in node["dict"]:

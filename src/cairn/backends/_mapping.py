@@ -62,15 +62,21 @@ def map_files(fds: list[int], sizes: list[int]) -> memoryview | None:
     if _LIBC is None or total == 0 or any(size % PAGE for size in sizes[:-1]):
         return None
     prot, private = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE
-    address = _LIBC.mmap(None, total, prot, private | mmap.MAP_ANONYMOUS, -1, 0)
-    if address in (None, _FAILED):
-        return None
-    region = _Region(address, total)
-    offset = 0
-    for fd, size in zip(fds, sizes, strict=True):
-        if _LIBC.mmap(address + offset, size, prot, private | _MAP_FIXED, fd, 0) != address + offset:
-            return None  # the region (anonymous where a file did not map) is unmapped with ``region``
-        offset += size
+    if len(fds) == 1:  # one file: no region to reserve first
+        address = _LIBC.mmap(None, total, prot, private, fds[0], 0)
+        if address in (None, _FAILED):
+            return None
+        region = _Region(address, total)
+    else:
+        address = _LIBC.mmap(None, total, prot, private | mmap.MAP_ANONYMOUS, -1, 0)
+        if address in (None, _FAILED):
+            return None
+        region = _Region(address, total)
+        offset = 0
+        for fd, size in zip(fds, sizes, strict=True):
+            if _LIBC.mmap(address + offset, size, prot, private | _MAP_FIXED, fd, 0) != address + offset:
+                return None  # the region (anonymous where a file did not map) is unmapped with ``region``
+            offset += size
     array = (ctypes.c_char * total).from_address(address)
     array._cairn_region = region  # type: ignore[attr-defined]  # the region lives as long as the array
     return memoryview(array).cast("B")

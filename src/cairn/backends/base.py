@@ -34,7 +34,8 @@ __all__ = ["Backend", "BackendLock", "BackendProperties", "Buffer", "check_path"
 Buffer = bytes | bytearray | memoryview
 """What a backend accepts to write."""
 
-_PART_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")
+_PART = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}"
+_PATH_RE = re.compile(rf"(?:{_PART}/){{0,7}}{_PART}")  # at most 8 parts, none empty, "." or ".."
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,8 +52,7 @@ class BackendProperties:
 
 def check_path(path: str) -> str:
     """Accept only store-built relative paths: ``a/b/c`` of safe names, no ``..``, no absolute paths."""
-    parts = path.split("/")
-    if not path or len(parts) > 8 or not all(_PART_RE.fullmatch(p) for p in parts):
+    if _PATH_RE.fullmatch(path) is None:
         raise BackendError(f"refusing unsafe store path {path[:200]!r}")
     return path
 
@@ -107,7 +107,8 @@ class Backend(Protocol):
         ...
 
     def readinto(self, path: str, buffer: memoryview) -> int:
-        """Read the start of the file into ``buffer``; returns the number of bytes read."""
+        """Read the file into ``buffer`` (its start, if it is longer); returns the number of bytes read,
+        or the file's size when that is more than ``buffer`` holds."""
         ...
 
     def map(self, path: str) -> memoryview | None:

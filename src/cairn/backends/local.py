@@ -217,7 +217,7 @@ class LocalBackend:
         self._pending: dict[str, Stamp | None] = {}
         self._durable = _durable_names(self.root)  # shared by the handles of this process
         self._anchored: set[str] = set()  # directories whose whole chain of entries up to the root is durable
-        self._safe_dirs: set[str] = set()
+        self._safe_dirs: dict[str, str] = {}  # relative path -> absolute path of checked directories
         self._lock = threading.Lock()
         self._failed: tuple[int | None, str] | None = None  # (errno, what) of a failed fsync: final
         self._direct = direct_io
@@ -234,9 +234,10 @@ class LocalBackend:
 
     def _dir(self, rel: str, create: bool) -> str:
         """The absolute path of directory ``rel`` (may be ""), checked to be a real directory in the root."""
+        known = self._safe_dirs.get(rel)
+        if known is not None:
+            return known
         full = os.path.join(self.root, rel) if rel else self.root
-        if full in self._safe_dirs:
-            return full
         if rel:
             parent_rel = rel.rpartition("/")[0]
             parent = self._dir(parent_rel, create)
@@ -258,7 +259,7 @@ class LocalBackend:
         if not stat.S_ISDIR(st.st_mode):
             raise BackendError(f"{full} is not a directory (symlinks are not followed inside a store)")
         with self._lock:
-            self._safe_dirs.add(full)
+            self._safe_dirs[rel] = full
         return full
 
     def _make_root(self) -> None:
@@ -297,7 +298,8 @@ class LocalBackend:
     def _file(self, path: str, create_parent: bool = False) -> str:
         check_path(path)
         parent_rel, _, name = path.rpartition("/")
-        return os.path.join(self._dir(parent_rel, create_parent), name)
+        parent = self._safe_dirs.get(parent_rel) or self._dir(parent_rel, create_parent)
+        return f"{parent}{name}" if parent.endswith("/") else f"{parent}/{name}"  # os.path.join, faster
 
     # -- writing --------------------------------------------------------------------------------------
 
@@ -391,6 +393,10 @@ class LocalBackend:
     # -- reading --------------------------------------------------------------------------------------
 
     def _open(self, path: str) -> int:
+        return self._open_stat(path)[0]
+
+    def _open_stat(self, path: str) -> tuple[int, os.stat_result]:
+        """An open descriptor of regular file ``path`` and its ``fstat``."""
         try:
             fd = os.open(self._file(path), _O_READ)
         except BackendError:
@@ -401,10 +407,11 @@ class LocalBackend:
             if e.errno == errno.ELOOP:
                 raise BackendError(errno.ELOOP, f"{path} is a symlink; a store never follows links") from None
             raise _error("open", path, e) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise BackendError(f"{path} is not a regular file; a store holds only regular files")
-        return fd
+        return fd, st
 
     def _lstat(self, path: str) -> os.stat_result | None:
         """``lstat`` of store path ``path``; None when nothing is there."""
@@ -441,7 +448,7 @@ class LocalBackend:
             os.close(fd)
 
     def readinto(self, path: str, buffer: memoryview) -> int:
-        fd = self._open(path)
+        fd, st = self._open_stat(path)
         try:
             view, total = buffer.cast("B"), 0
             while total < view.nbytes:
@@ -449,18 +456,18 @@ class LocalBackend:
                 if n == 0:
                     break
                 total += n
-            return total
+            return total if total < view.nbytes else max(total, st.st_size)
         except OSError as e:
             raise _error("read", path, e) from None
         finally:
             os.close(fd)
 
     def map(self, path: str) -> memoryview | None:
-        fd = self._open(path)
+        fd, st = self._open_stat(path)
         try:
-            if os.fstat(fd).st_size == 0:
+            if st.st_size == 0:
                 return None
-            return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))
+            return map_files([fd], [st.st_size]) or memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))
         except OSError as e:
             raise _error("map", path, e) from None
         finally:

@@ -59,7 +59,7 @@ class MemoryBackend:
         data = self.read(path)
         n = min(len(data), buffer.nbytes)
         buffer[:n] = data[:n]
-        return n
+        return len(data)
 
     def map(self, path: str) -> memoryview | None:
         return None
