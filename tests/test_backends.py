@@ -153,6 +153,27 @@ def test_local_refuses_symlinks(tmp_path: Path) -> None:
     assert sorted(os.listdir(outside)) == ["secret"]
 
 
+def test_local_reader_checks_sibling_directories_in_one_listing(tmp_path: Path) -> None:
+    """A reading handle lists a directory's subdirectories once instead of checking each: linked ones
+    are still refused, and ones made after the listing are still found."""
+    root = tmp_path / "root"
+    writer = LocalBackend(root)
+    for prefix in ("aa", "bb"):
+        writer.create(f"blobs/{prefix}/f", prefix.encode())
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"secret")
+    os.symlink(outside, root / "blobs" / "cc")
+    reader = LocalBackend(root)
+    assert reader.read("blobs/aa/f") == b"aa"  # lists blobs/
+    assert reader.read("blobs/bb/f") == b"bb"
+    with pytest.raises(BackendError, match="not a directory"):
+        reader.read("blobs/cc/f")
+    writer.create("blobs/dd/f", b"dd")  # made after the listing
+    assert reader.read("blobs/dd/f") == b"dd"
+    assert reader.size("blobs/ee/f") is None
+
+
 def test_local_map_is_private(tmp_path: Path) -> None:
     b = LocalBackend(tmp_path)
     b.create("blobs/ab/f", b"abcd")

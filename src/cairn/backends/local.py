@@ -218,6 +218,7 @@ class LocalBackend:
         self._durable = _durable_names(self.root)  # shared by the handles of this process
         self._anchored: set[str] = set()  # directories whose whole chain of entries up to the root is durable
         self._safe_dirs: dict[str, str] = {}  # relative path -> absolute path of checked directories
+        self._scanned: set[str] = set()  # checked directories whose subdirectories were all checked
         self._lock = threading.Lock()
         self._failed: tuple[int | None, str] | None = None  # (errno, what) of a failed fsync: final
         self._direct = direct_io
@@ -241,6 +242,11 @@ class LocalBackend:
         if rel:
             parent_rel = rel.rpartition("/")[0]
             parent = self._dir(parent_rel, create)
+            if not create and parent_rel not in self._scanned:
+                self._scan(parent_rel, parent)  # checks all its subdirectories in one pass
+                known = self._safe_dirs.get(rel)
+                if known is not None:
+                    return known
             if create:
                 try:
                     os.mkdir(full, 0o755)
@@ -261,6 +267,20 @@ class LocalBackend:
         with self._lock:
             self._safe_dirs[rel] = full
         return full
+
+    def _scan(self, rel: str, full: str) -> None:
+        """Mark the real subdirectories of checked directory ``rel`` as checked, from one listing (a
+        store's ``blobs/`` holds up to 256: one ``lstat`` each would cost more than the reads they serve).
+        Symbolic links are not directories here; what the listing cannot tell is checked one by one."""
+        prefix = f"{rel}/" if rel else ""
+        found: dict[str, str] = {}
+        with contextlib.suppress(OSError), os.scandir(full) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    found[prefix + entry.name] = entry.path
+        with self._lock:
+            self._safe_dirs.update(found)
+            self._scanned.add(rel)
 
     def _make_root(self) -> None:
         """Create the root and any missing ancestors, each new entry marked for a directory fsync."""
