@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 import torch
@@ -214,8 +214,9 @@ def _batches(data: Iterable[Any], steps: int | None, skip: int) -> Iterator[tupl
     continues from there; any other iterable is fast-forwarded by skipping batches, which is exact
     only if its order does not depend on the random state (see ``cairn.resumable_loader``).
     """
-    if steps is None and skip and hasattr(data, "__len__"):
-        steps = len(data)  # a resumed epoch ends where a whole one does (its saved position may be its end)
+    if steps is None and skip and isinstance(data, Sized):
+        with contextlib.suppress(TypeError):  # (a DataLoader over an IterableDataset has no length)
+            steps = len(data)  # a resumed epoch ends where a whole one does (its saved position: its end)
     limit = None if steps is None else max(0, steps - skip)  # never pulls a batch it will not use
     if limit == 0:
         return  # not even iter(): a resumable loader would start (and draw the seed of) its next epoch
