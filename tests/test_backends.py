@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import gc
 import mmap
 import os
+import platform
 import stat
 import threading
 from collections.abc import Iterator
@@ -16,7 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cairn.backends import Backend, LocalBackend, MemoryBackend, check_path, local, open_backend
+import cairn
+from cairn.backends import Backend, LocalBackend, MemoryBackend, _mapping, check_path, local, open_backend
 from cairn.errors import BackendError
 
 
@@ -345,6 +348,95 @@ def test_local_map_concat_is_one_private_region(tmp_path: Path) -> None:
         b.map_concat(["blobs/ab/0", "blobs/ab/missing"])
     del view
     gc.collect()  # the region is unmapped with its last view (no crash, no leak of the mapping)
+
+
+def _mapping_of(view: memoryview) -> list[dict[str, str]]:
+    """The ``/proc/self/smaps`` entries of the mappings that ``view`` spans (one per mapped file)."""
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    end = address + view.nbytes
+    entries: list[dict[str, str]] = []
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                current: dict[str, str] | None = {"range": head} if lo < end and hi > address else None
+                if current is not None:
+                    entries.append(current)
+            elif current is not None:
+                key, _, value = line.partition(":")
+                current[key] = value.strip()
+    return entries
+
+
+huge_pages = pytest.mark.skipif(
+    not _mapping.HUGE_PAGE or not os.path.exists("/proc/self/smaps"),
+    reason="needs Linux with transparent huge pages",
+)
+
+
+@huge_pages
+def test_large_maps_start_on_a_huge_page_and_are_advised_huge(tmp_path: Path) -> None:
+    """A map of at least one huge page starts on a huge-page boundary and carries ``MADV_HUGEPAGE``
+    (``hg`` in smaps), so the page cache reads and maps it in huge pages; a smaller one is left alone.
+    Copy-on-write still holds inside a huge page."""
+    b = LocalBackend(tmp_path)
+    huge = _mapping.HUGE_PAGE
+    one = os.urandom(2 * huge + mmap.PAGESIZE)
+    parts = [os.urandom(huge), os.urandom(huge), os.urandom(5000)]
+    b.create("blobs/ab/one", one)
+    for i, data in enumerate(parts):
+        b.create(f"blobs/ab/{i}", data)
+    b.create("blobs/ab/small", os.urandom(huge // 2))
+    for view, expected, files in [
+        (b.map("blobs/ab/one"), one, 1),
+        (b.map_concat(["blobs/ab/0", "blobs/ab/1", "blobs/ab/2"]), b"".join(parts), 3),
+    ]:
+        assert view is not None and bytes(view) == expected
+        assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % huge == 0
+        entries = _mapping_of(view)
+        assert len(entries) == files and all("hg" in e["VmFlags"].split() for e in entries)
+        view[huge + 7] ^= 0xFF  # private: the file does not change, the view does
+        assert view[huge + 7] == expected[huge + 7] ^ 0xFF
+    assert b.read("blobs/ab/one") == one and b.read("blobs/ab/1") == parts[1]
+    small = b.map("blobs/ab/small")
+    assert small is not None and "hg" not in _mapping_of(small)[0]["VmFlags"].split()
+
+
+@huge_pages
+def test_a_map_the_kernel_places_off_a_huge_page_is_moved_onto_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel does not place a file's map on a huge-page boundary (file systems without
+    huge-page placement), an aligned region is reserved and the file mapped into it."""
+    monkeypatch.setattr(_mapping, "_map_one", lambda fd, size, align: None)
+    b = LocalBackend(tmp_path)
+    data = os.urandom(_mapping.HUGE_PAGE + 3)
+    b.create("blobs/ab/f", data)
+    view = b.map("blobs/ab/f")
+    assert view is not None and bytes(view) == data
+    assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % _mapping.HUGE_PAGE == 0
+    assert "hg" in _mapping_of(view)[0]["VmFlags"].split()
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/self/smaps") or tuple(map(int, platform.release().split(".")[:2])) < (5, 14),
+    reason="needs Linux 5.14+ (MADV_POPULATE_READ)",
+)
+def test_an_unverified_load_reads_mapped_tensors_in(tmp_path: Path) -> None:
+    """``verify=False`` still maps large tensors, and the load's threads read their pages in before it
+    returns (in parallel, and in huge pages where the system has them), instead of leaving every page to
+    fault in one by one when first used."""
+    state = {
+        "one": np.random.default_rng(0).random(3 << 18),
+        "multi": np.random.default_rng(1).random(5 << 20),
+    }
+    cairn.save(tmp_path / "s", state, step=1)  # 6 MiB in one chunk, 40 MiB in three
+    loaded = cairn.load(tmp_path / "s", verify=False)
+    for key, array in loaded.items():
+        entries = _mapping_of(memoryview(array).cast("B"))  # before anything reads the array
+        assert entries and all(e["Rss"] == e["Size"] for e in entries), (key, entries)
+        np.testing.assert_array_equal(array, state[key])
 
 
 @pytest.mark.parametrize("size", [4096, 2**20, 8 * 2**20 + 4097, 3 * 8 * 2**20 - 1])

@@ -56,8 +56,10 @@ def load(
 
     Objects saved through ``state_dict()`` come back as their state dicts. ``keys`` selects leaves by
     glob over dotted paths (``"model.*"``, ``["optim", "epoch"]``) and reads nothing else. Every chunk is
-    hashed before its tensor is returned unless ``verify=False``; large tensors are memory-mapped
-    (copy-on-write) unless ``mmap=False``. Tensors load on the CPU unless ``map_location`` says otherwise.
+    hashed before its tensor is returned unless ``verify=False``. Tensors of 1 MiB and more are
+    memory-mapped (copy-on-write, in huge pages where the system has them) unless ``mmap=False``; either
+    way their bytes are read, by several threads, before ``load`` returns. Tensors load on the CPU unless
+    ``map_location`` says otherwise.
     """
     return _store(target).load(name, keys=keys, map_location=map_location, verify=verify, mmap=mmap)
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from cairn._codec import Allocated, allocate, from_buffer
 from cairn._manifest import Chunk, Shard, TensorEntry
+from cairn.backends._mapping import populate
 from cairn.backends.base import Backend
 from cairn.errors import BackendError, BlobCorruptError, BlobMissingError, OutOfMemoryError
 
@@ -128,19 +129,25 @@ class TensorReader:
             return lambda: small[0], [read_small]
         mappable = whole and self.mmap and entry.nbytes >= MMAP_MIN_BYTES  # (a map allocates nothing)
         if mappable and len(chunks) == 1:
+
+            def map_one() -> tuple[Any, memoryview | None]:
+                view = self._mapped(entry, chunks, lambda: self.backend.map(blob_path(chunks[0].blob)))
+                if view is not None and view.nbytes == chunks[0].nbytes:
+                    return from_buffer(entry.kind, entry.dtype, shape, view), view
+                # not mappable after all, or the wrong size (raised by the read's size check)
+                return replace_mmap(self, False).read(entry), None
+
+            if not self.verify:  # map it now; its job reads its pages in
+                value, view = map_one()
+                return lambda: value, [] if view is None else [partial(populate, view)]
             mapped: list[Any] = []
 
             def map_and_hash() -> None:
-                view = self._mapped(entry, chunks, lambda: self.backend.map(blob_path(chunks[0].blob)))
-                if view is not None and view.nbytes == chunks[0].nbytes:
+                value, view = map_one()
+                if view is not None:
                     self._check_hash(entry, chunks[0], view)
-                    mapped.append(from_buffer(entry.kind, entry.dtype, shape, view))
-                else:  # not mappable after all, or the wrong size (raised by the read's size check)
-                    mapped.append(replace_mmap(self, False).read(entry))
+                mapped.append(value)
 
-            if not self.verify:  # nothing to do in a thread: map it now
-                map_and_hash()
-                return lambda: mapped[0], []
             return lambda: mapped[0], [map_and_hash]
         map_concat = getattr(self.backend, "map_concat", None)
         if mappable and map_concat is not None:
@@ -150,8 +157,12 @@ class TensorReader:
                 jobs: list[Job] = []
                 pos = 0
                 for chunk in chunks:
-                    if self.verify:
-                        jobs.append(partial(self._check_hash, entry, chunk, view[pos : pos + chunk.nbytes]))
+                    part = view[pos : pos + chunk.nbytes]
+                    jobs.append(
+                        partial(self._check_hash, entry, chunk, part)
+                        if self.verify
+                        else partial(populate, part)
+                    )
                     pos += chunk.nbytes
                 return lambda: value, jobs
         for chunk in chunks:  # every size is checked before anything is allocated
