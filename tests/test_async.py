@@ -9,10 +9,14 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import cairn
+from cairn._async import _split
 from cairn.backends import MemoryBackend
 
 
@@ -154,3 +158,15 @@ def test_restore_reserves_the_staging_buffer_for_the_first_save() -> None:
         assert reserved.nbytes >= 300_007 * 4
         assert mgr.save(1, state)
         assert writer._staging is reserved  # used, not reallocated
+
+
+@given(st.lists(st.integers(1, 1 << 20), max_size=40), st.integers(1, 8))
+def test_staging_pieces_are_shared_out_in_order_and_about_evenly(sizes: list[int], n: int) -> None:
+    """Every piece is copied by exactly one thread, in order, and no thread gets much more than its share
+    (at most one piece more)."""
+    pieces = [(np.empty(size, dtype=np.uint8), np.empty(size, dtype=np.uint8)) for size in sizes]
+    groups = _split(pieces, n)
+    assert [id(p) for g in groups for p in g] == [id(p) for p in pieces]
+    assert len(groups) <= n and all(groups)
+    share, biggest = sum(sizes) / n, max(sizes, default=0)
+    assert all(sum(d.nbytes for d, _ in g) <= share + biggest for g in groups)

@@ -42,6 +42,26 @@ def _allocate(nbytes: int) -> np.ndarray:
     return buffer[:nbytes]
 
 
+Piece = tuple[np.ndarray, np.ndarray]  # (destination, source)
+
+
+def _split(pieces: list[Piece], n: int) -> list[list[Piece]]:
+    """``pieces`` cut into at most ``n`` runs of about equal bytes, in order (one per copying thread: a
+    hand-off per piece would cost more than copying the many small ones)."""
+    total = sum(dest.nbytes for dest, _ in pieces)
+    groups: list[list[Piece]] = [[] for _ in range(max(1, n))]
+    done = 0
+    for piece in pieces:
+        groups[min(len(groups) - 1, done * len(groups) // max(1, total))].append(piece)
+        done += piece[0].nbytes
+    return [group for group in groups if group]
+
+
+def _copy_all(pieces: list[Piece]) -> None:
+    for dest, src in pieces:
+        np.copyto(dest, src)
+
+
 def _page_up(n: int) -> int:
     return -(-n // mmap.PAGESIZE) * mmap.PAGESIZE
 
@@ -114,12 +134,15 @@ class AsyncWriter:
             pieces += [(dest[i : i + _PIECE], src[i : i + _PIECE]) for i in range(0, n, _PIECE)]
             staged.append((path, replace(arr, data=dest.data)))
             pos += _page_up(n)  # every array starts on a page: its chunks go to disk without a copy
-        if total >= 2 * _PIECE and _COPIERS > 1:  # numpy copies without the GIL: use every core
-            with ThreadPoolExecutor(_COPIERS, thread_name_prefix="cairn-stage") as pool:
-                list(pool.map(lambda piece: np.copyto(*piece), pieces))
+        groups = _split(pieces, _COPIERS if total >= 2 * _PIECE else 1)
+        if len(groups) > 1:  # numpy copies without the GIL: every core copies its share, this thread too
+            with ThreadPoolExecutor(len(groups) - 1, thread_name_prefix="cairn-stage") as pool:
+                futures = [pool.submit(_copy_all, group) for group in groups[1:]]
+                _copy_all(groups[0])
+                for future in futures:
+                    future.result()
         else:
-            for dest, src in pieces:
-                np.copyto(dest, src)
+            _copy_all(pieces)
         return replace(prepared, arrays=staged)
 
     def submit(self, work: Callable[[], object]) -> None:
