@@ -448,3 +448,13 @@ def test_local_page_aligned_data_is_written_in_place_exactly(tmp_path: Path, siz
     b = LocalBackend(tmp_path)
     assert b.create("blobs/ab/x", memoryview(aligned))
     assert b.read("blobs/ab/x") == aligned[:]
+
+
+def test_populate_takes_any_buffer() -> None:
+    """Reading pages in is advice: a read-only view, an empty one or memory that is not a file map is
+    fine (another backend's ``map`` may return any of them)."""
+    data = os.urandom(3 * mmap.PAGESIZE + 5)
+    _mapping.populate(memoryview(data))  # read-only, not page-aligned
+    _mapping.populate(memoryview(b""))
+    _mapping.populate(memoryview(bytearray(data))[7:])
+    assert bytes(memoryview(data)) == data

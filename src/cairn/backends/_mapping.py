@@ -22,6 +22,8 @@ import mmap
 import sys
 from typing import Any
 
+import numpy as np
+
 __all__ = ["HUGE_PAGE", "PAGE", "map_files", "populate"]
 
 PAGE = mmap.PAGESIZE
@@ -143,6 +145,6 @@ def populate(view: memoryview) -> None:
     can fault a map in in parallel; where that is not available, nothing (the pages fault in when used)."""
     if _LIBC is None or _MADV_POPULATE_READ is None or view.nbytes == 0:
         return
-    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    address = np.frombuffer(view, dtype=np.uint8).ctypes.data  # (a read-only view has an address too)
     start = address - address % PAGE
     _LIBC.madvise(start, address + view.nbytes - start, _MADV_POPULATE_READ)
