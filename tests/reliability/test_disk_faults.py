@@ -143,12 +143,29 @@ def _family(name: str) -> str | None:
     return None
 
 
-def count_plan(tmp_path: Path, template: Path, mode: str) -> Plan:
-    """Run the save once under strace (no fault) and derive the ranges of N per fault family."""
-    work = tmp_path / f"count-{mode}"
+def count_plan(tmp_path: Path, template: Path, mode: str, tries: int = 5) -> Plan:
+    """Run the save under strace (no fault) and derive the ranges of N per fault family.
+
+    strace counts a syscall per thread, so the committing thread's fsyncs after the manifest's link can be
+    targeted only where they come later in its count than every other thread's fsyncs; on a busy machine
+    one writer thread may take most of the blobs, so the count is run again (up to ``tries`` times) until
+    such an fsync exists."""
+    plan = Plan({}, [])
+    for attempt in range(tries):
+        plan = _count_once(tmp_path, template, mode, attempt)
+        if plan.post_link_fsyncs:
+            break
+    return plan
+
+
+def _count_once(tmp_path: Path, template: Path, mode: str, attempt: int) -> Plan:
+    work = tmp_path / f"count-{mode}-{attempt}"
     shutil.copytree(template, work, symlinks=True)
     run = run_attached(
-        "syscall_save.py", [str(work), "2", "2", mode, "wait"], ["-e", TRACE], tmp_path / f"count-{mode}.log"
+        "syscall_save.py",
+        [str(work), "2", "2", mode, "wait"],
+        ["-e", TRACE],
+        tmp_path / f"count-{mode}-{attempt}.log",
     )
     assert run.returncode == 0, run.stderr
     per: dict[str, Counter[int]] = {}

@@ -2,16 +2,18 @@
 
 A tensor stored in several chunk files can then be one zero-copy array, as a single-file format gets from
 one ``mmap``: an anonymous region of the total size is reserved, and each file is mapped over its part
-with ``MAP_FIXED``. Every part but the last must be a whole number of pages. The region is unmapped when
-the last array viewing it is gone.
+with ``MAP_FIXED`` (a single file is mapped where the kernel places it, when that place is aligned as
+below). Every part but the last must be a whole number of pages. The region is unmapped when the last
+array viewing it is gone.
 
-On Linux the region starts on a huge-page boundary and is advised ``MADV_HUGEPAGE`` before anything is
-read through it: a fault then reads the file into the page cache in huge-page-sized folios (where the
-file system has large folios: ext4 since Linux 6.16, XFS) and maps each with one page-table entry
-instead of 512. Measured on the development VM (Linux 6.18, ext4), reading one byte of every page of the
-40 largest chunk files of a 1.49 GB state (594 MB): 61 ms instead of 195 ms cold, 3 ms instead of 66-84
-ms warm (281 faults instead of 8,800); whole loads in ``bench/README.md``. The page cache keeps those
-folios, so later maps of the same files, by any process, fault in huge pages too.
+On Linux a region of at least one huge page starts on a huge-page boundary and is advised
+``MADV_HUGEPAGE`` before anything is read through it: a fault then reads the file into the page cache in
+huge-page-sized folios (where the file system has large folios: ext4 since Linux 6.16, XFS) and maps
+each with one page-table entry instead of 512. Measured on the development VM (Linux 6.18, ext4),
+reading one byte of every page of the 40 largest chunk files of a 1.49 GB state (594 MB): 61 ms instead
+of 195 ms cold, 3 ms instead of 66-84 ms warm (281 faults instead of 8,800); whole loads in
+``bench/README.md``. The page cache keeps those folios, so later maps of the same files, by any
+process, fault in huge pages too.
 """
 
 from __future__ import annotations
