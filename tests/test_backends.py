@@ -350,17 +350,22 @@ def test_local_map_concat_is_one_private_region(tmp_path: Path) -> None:
     gc.collect()  # the region is unmapped with its last view (no crash, no leak of the mapping)
 
 
+def _address(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
 def _mapping_of(view: memoryview) -> list[dict[str, str]]:
     """The ``/proc/self/smaps`` entries of the mappings that ``view`` spans (one per mapped file)."""
-    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    address = _address(view)
     end = address + view.nbytes
     entries: list[dict[str, str]] = []
+    current: dict[str, str] | None = None
     with open("/proc/self/smaps") as f:
         for line in f:
             head = line.split(maxsplit=1)[0]
             if "-" in head and not head.endswith(":"):
                 lo, hi = (int(x, 16) for x in head.split("-"))
-                current: dict[str, str] | None = {"range": head} if lo < end and hi > address else None
+                current = {"range": head} if lo < end and hi > address else None
                 if current is not None:
                     entries.append(current)
             elif current is not None:
@@ -393,7 +398,7 @@ def test_large_maps_start_on_a_huge_page_and_are_advised_huge(tmp_path: Path) ->
         (b.map_concat(["blobs/ab/0", "blobs/ab/1", "blobs/ab/2"]), b"".join(parts), 3),
     ]:
         assert view is not None and bytes(view) == expected
-        assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % huge == 0
+        assert _address(view) % huge == 0
         entries = _mapping_of(view)
         assert len(entries) == files and all("hg" in e["VmFlags"].split() for e in entries)
         view[huge + 7] ^= 0xFF  # private: the file does not change, the view does
@@ -415,7 +420,7 @@ def test_a_map_the_kernel_places_off_a_huge_page_is_moved_onto_one(
     b.create("blobs/ab/f", data)
     view = b.map("blobs/ab/f")
     assert view is not None and bytes(view) == data
-    assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % _mapping.HUGE_PAGE == 0
+    assert _address(view) % _mapping.HUGE_PAGE == 0
     assert "hg" in _mapping_of(view)[0]["VmFlags"].split()
 
 
